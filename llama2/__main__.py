@@ -1,0 +1,5 @@
+import sys
+
+from llama2.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""llama2.metrics."""
