@@ -38,9 +38,7 @@ class ModelConfig:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.dim % self.n_heads:
-            raise ValueError(
-                f"ModelConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
@@ -145,7 +143,5 @@ PRESETS: dict[str, ModelConfig] = {
     "llama2-70b": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
     # CPU-sized presets. `small` is llama2.c's stories15M shape.
     "small": ModelConfig(dim=288, n_layers=6, n_heads=6, hidden_dim=768, vocab_size=32000, max_seq_len=256),
-    "tiny": ModelConfig(
-        dim=64, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=4096, max_seq_len=256
-    ),
+    "tiny": ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=4096, max_seq_len=256),
 }

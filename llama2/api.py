@@ -1,0 +1,91 @@
+"""The public API: `load`, `pretrain`, `finetune`, `evaluate`, `generate`. Thin: each calls into core/data/metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llama2.core.model import Model, build_runtime
+
+__all__ = ["load", "pretrain", "finetune", "evaluate", "generate"]
+
+
+def load(
+    path: str | Path,
+    backend: str = "mindspore",
+    tokenizer: Any = None,
+    fmt: str | None = None,
+    **options: Any,
+) -> Model:
+    """Load a checkpoint (HF dir, Meta, MindSpore .ckpt, llama2.c .bin, GGUF, or a training run dir).
+
+    The tokenizer is `tokenizer` (path or Tokenizer) or else tokenizer.model found beside the weights. `options`
+    are RuntimeOptions fields (device, dtype, mode, ...). Weights are copied in one tensor at a time.
+    """
+    from llama2.core.formats import open_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    run_ckpt = _run_checkpoint(path)
+    if run_ckpt is not None:
+        path = run_ckpt
+    ckpt = open_checkpoint(path, fmt)
+    if tokenizer is None and ckpt.tokenizer_path is not None:
+        tokenizer = ckpt.tokenizer_path
+    if isinstance(tokenizer, str | Path):
+        if not Path(tokenizer).exists():
+            raise FileNotFoundError(f"tokenizer file {tokenizer} not found")
+    runtime = build_runtime(ckpt.config, backend, **options)
+    runtime.load_state(ckpt.tensors(), source=str(path))
+    model = Model(runtime, tokenizer)
+    _attach_adapters(model, path)
+    return model
+
+
+def _run_checkpoint(path: Path) -> Path | None:
+    """The latest checkpoint when `path` is a training run directory, else None."""
+    if not (path.is_dir() and (path / "checkpoints").is_dir()):
+        return None
+    from llama2.core.run_dir import latest_checkpoint
+
+    return latest_checkpoint(path)
+
+
+def _attach_adapters(model: Model, path: Path) -> None:
+    """Apply adapter files saved beside the weights (adapter_config.json), when present."""
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        from llama2.peft import load_adapter
+
+        load_adapter(model, path)
+
+
+def pretrain(config: Any, **kwargs: Any) -> Model:
+    """Pretrain a model from a config/preset on a records file; see `llama2.pretraining.pretrain`."""
+    from llama2.pretraining import pretrain as _pretrain
+
+    return _pretrain(config, **kwargs)
+
+
+def finetune(model: Model | str | Path, **kwargs: Any) -> Model:
+    """Supervised finetuning (full, LoRA, prefix or a plugin adapter); see `llama2.finetuning.finetune`."""
+    from llama2.finetuning import finetune as _finetune
+
+    return _finetune(model, **kwargs)
+
+
+def evaluate(model: Model | str | Path, metric: str, **kwargs: Any) -> dict[str, float]:
+    """Evaluate with a registered metric ("perplexity", "squad", plugins); see `llama2.evaluation.evaluate`."""
+    from llama2.evaluation import evaluate as _evaluate
+
+    if not isinstance(model, Model):
+        model = load(model)
+    return _evaluate(model, metric, **kwargs)
+
+
+def generate(model: Model | str | Path, prompts: str | Sequence[str], **options: Any) -> list[str]:
+    """Continuations of `prompts` (a model or a checkpoint path); options as `Model.generate`."""
+    if not isinstance(model, Model):
+        model = load(model)
+    return model.generate(prompts, **options)
