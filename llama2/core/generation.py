@@ -69,8 +69,9 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     sorted_logits = np.take_along_axis(logits, order, axis=-1)
     probs = _softmax(sorted_logits)
     cum = np.cumsum(probs, axis=-1)
-    # Token i is kept if the mass before it is still below p; the first token is always kept.
-    keep_sorted = (cum - probs) < p
+    # Token i is kept if the mass before it is still below p (with a rounding allowance, so that exactly
+    # reaching p counts as reaching it); the first token is always kept.
+    keep_sorted = (cum - probs) < p - 1e-9
     keep_sorted[:, 0] = True
     keep = np.zeros_like(keep_sorted)
     np.put_along_axis(keep, order, keep_sorted, axis=-1)
@@ -157,8 +158,8 @@ def iter_generate(
             if (eos_id is not None and t == eos_id) or (should_stop is not None and should_stop(int(i), new_ids[i])):
                 finished[i] = True
         yield tok, active
-        slot = width + step
-        if finished.all() or slot >= total:
+        slot = width + step  # cache slot of the token just chosen; the whole sequence stays within `total`
+        if finished.all() or slot + 1 >= total:
             return
         kv_mask[:, slot] = 1
         logits = runtime.decode(cache, tok[:, None], next_pos[:, None], kv_mask, start=slot, last_only=True)[:, -1]

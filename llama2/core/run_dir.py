@@ -1,0 +1,236 @@
+"""Run directories: checkpoints written atomically, verified, pruned, and found again for resume or loading.
+
+Layout of OUT_DIR:
+
+    metrics.jsonl                     one JSON object per logged step
+    loss.png                          `llama2 plot OUT_DIR`
+    checkpoints/step_00000100/        a Hugging Face model dir plus training state:
+        config.json                   ModelConfig.to_hf()
+        model.safetensors             canonical (HF) tensor names, float32
+        optimizer.safetensors         TrainState.state_dict()
+        trainer_state.json            step, data position, seed, schedule, configs, file sizes
+        tokenizer.model               when the run had a SentencePiece tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llama2.core.config import ModelConfig
+
+__all__ = [
+    "CheckpointError",
+    "checkpoint_dir_name",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "verify_checkpoint",
+    "save_checkpoint",
+    "read_trainer_state",
+    "read_model_tensors",
+    "read_optimizer_state",
+    "read_model_config",
+    "prune_checkpoints",
+    "write_json_atomic",
+]
+
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing files or has corrupt ones."""
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _ckpt_root(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint dirs of a run, oldest first (temporary dirs of an interrupted save are skipped)."""
+    root = _ckpt_root(Path(run_dir))
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check that a checkpoint dir is complete and readable; returns its trainer state (or {} for a bare HF dir).
+
+    Raises CheckpointError naming the file and what is wrong (missing, size differs from the recorded size,
+    unreadable safetensors header).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing")
+    state: dict[str, Any] = {}
+    if (path / STATE_FILE).is_file():
+        try:
+            state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path / STATE_FILE}: unreadable ({exc})") from None
+        for name, size in state.get("files", {}).items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing")
+            if f.stat().st_size != size:
+                raise CheckpointError(f"{f}: {f.stat().st_size} bytes, but {size} were written (truncated?)")
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        f = path / name
+        if f.is_file():
+            try:
+                with safe_open(str(f), framework="numpy") as h:
+                    h.keys()
+            except Exception as exc:  # safetensors raises its own error type
+                raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
+    return state
+
+
+def latest_checkpoint(run_dir: str | Path, on_skip: Callable[[str], None] | None = None) -> Path:
+    """The newest complete, verified checkpoint of a run dir (or `run_dir` itself if it is a checkpoint dir).
+
+    Corrupt checkpoints are skipped (reported through `on_skip`); FileNotFoundError if there is none.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / MODEL_FILE).is_file() and (run_dir / CONFIG_FILE).is_file():
+        verify_checkpoint(run_dir)
+        return run_dir
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise FileNotFoundError(f"{run_dir}: no checkpoints (expected {run_dir / CHECKPOINTS}/step_*/{MODEL_FILE})")
+    errors = []
+    for p in reversed(ckpts):
+        try:
+            verify_checkpoint(p)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            if on_skip is not None:
+                on_skip(f"checkpoint {p.name} is corrupt ({exc}); falling back to the previous one")
+            continue
+        return p
+    raise FileNotFoundError(f"{run_dir}: every checkpoint is corrupt: " + "; ".join(errors))
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / STATE_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: missing; {path} is not a resumable training checkpoint")
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def read_model_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(canonical name, array) pairs of a checkpoint's model.safetensors, one tensor at a time."""
+    from safetensors import safe_open
+
+    f = Path(path) / MODEL_FILE
+    with safe_open(str(f), framework="numpy") as h:
+        for name in h.keys():
+            yield name, h.get_tensor(name)
+
+
+def read_optimizer_state(path: str | Path) -> dict[str, np.ndarray] | None:
+    from safetensors.numpy import load_file
+
+    f = Path(path) / OPTIMIZER_FILE
+    return load_file(str(f)) if f.is_file() else None
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    f = Path(path) / CONFIG_FILE
+    return ModelConfig.from_hf(json.loads(f.read_text(encoding="utf-8")), source=str(f))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    optimizer_state: dict[str, np.ndarray] | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    tokenizer_file: str | Path | None = None,
+    config_json: dict[str, Any] | None = None,
+    on_save: Callable[[Path], None] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write OUT_DIR/checkpoints/step_N atomically (a temp dir renamed into place); prune to the newest `keep`.
+
+    `on_save(tmp_dir)` may add files (adapter weights, ...) before the rename. Returns the final dir.
+    """
+    from safetensors.numpy import save_file
+
+    root = _ckpt_root(Path(run_dir))
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_dir_name(step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_json or config.to_hf(), indent=2) + "\n", encoding="utf-8")
+        weights = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in tensors}
+        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        del weights
+        if optimizer_state is not None:
+            opt = {k: np.ascontiguousarray(v) for k, v in optimizer_state.items()}
+            save_file(opt, str(tmp / OPTIMIZER_FILE), metadata={"format": "llama2-optimizer"})
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        if on_save is not None:
+            on_save(tmp)
+        state = dict(trainer_state or {})
+        state["step"] = step
+        state["files"] = {
+            p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file() and p.name != STATE_FILE
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if final.exists():  # re-saving a step after a resume: move the old one aside first
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; returns the deleted dirs."""
+    if keep <= 0:
+        raise ValueError(f"keep must be positive, got {keep}")
+    ckpts = list_checkpoints(run_dir)
+    gone = ckpts[:-keep] if len(ckpts) > keep else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone

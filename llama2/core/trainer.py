@@ -1,0 +1,428 @@
+"""The backend-neutral training loop.
+
+`Trainer` drives a `Runtime`'s `TrainState` with numpy batches: seeded per-epoch data order, data-parallel
+sharding by rank, gradient accumulation over micro-batches (token-weighted), warmup + cosine learning rate,
+AdamW with clipping (in the backend), a finite-loss check, JSONL metrics, a progress bar, atomic checkpoints every
+N steps, and exact resume.
+
+Data parallelism: every rank computes the same global permutation and reads its own contiguous slice of each
+global batch. The backend's TrainState sums gradients across ranks in `apply`; if it has
+`all_reduce_sum(np.ndarray) -> np.ndarray`, the trainer also sums the loss and token counts for logging (else
+rank 0 logs its local loss). Only rank 0 writes metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from llama2.core import run_dir as rd
+from llama2.core.backend import IGNORE_INDEX, Runtime, TrainState
+from llama2.core.schedule import lr_at
+from llama2.core.train_config import TrainConfig
+
+__all__ = ["TrainData", "DataOrder", "Trainer", "NonFiniteLossError", "detect_rank_world", "METRICS_FILE"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def detect_rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: torchrun's RANK/WORLD_SIZE, msrun's RANK_ID/RANK_SIZE, or an
+    initialized MindSpore communication group; (0, 1) for a single process."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
+    if "RANK_SIZE" in env:
+        return int(env.get("RANK_ID", "0")), int(env["RANK_SIZE"])
+    comm = sys.modules.get("mindspore.communication")
+    if comm is not None:
+        try:
+            return int(comm.get_rank()), int(comm.get_group_size())
+        except Exception:  # not initialized
+            pass
+    return 0, 1
+
+
+@attrs.frozen
+class TrainData:
+    """Training samples: `input_ids` (n, L) and optional `labels` (n, L) with IGNORE_INDEX on unscored tokens.
+
+    The model reads ids[:, :-1] and is scored on labels[:, 1:] (labels default to the ids), so a sample of
+    seq_length + 1 tokens trains seq_length positions, as the seed's preprocessing writes them.
+    """
+
+    input_ids: np.ndarray
+    labels: np.ndarray | None = None
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_length(self) -> int:
+        """Positions the model sees per sample (L - 1)."""
+        return int(self.input_ids.shape[1]) - 1
+
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.input_ids[indices]
+        labels = ids if self.labels is None else self.labels[indices]
+        return np.ascontiguousarray(ids[:, :-1], np.int32), np.ascontiguousarray(labels[:, 1:], np.int32)
+
+    @classmethod
+    def from_any(cls, data: Any, seq_length: int | None = None, source: str = "data") -> TrainData:
+        """From a TrainData, a dict with `input_ids` (+ `labels`), a 2-D array of samples, or a 1-D token stream
+        (cut into non-overlapping samples of seq_length + 1 tokens, the remainder dropped)."""
+        if isinstance(data, TrainData):
+            return data
+        labels = None
+        if isinstance(data, dict):
+            if "input_ids" not in data:
+                raise ValueError(f"{source}: expected a field 'input_ids', found {sorted(data)}")
+            ids, labels = np.asarray(data["input_ids"]), data.get("labels")
+        else:
+            ids = np.asarray(data)
+        if ids.ndim == 1:
+            if seq_length is None:
+                raise ValueError(f"{source}: a 1-D token stream needs seq_length to be cut into samples")
+            n = ids.shape[0] // (seq_length + 1)
+            ids = ids[: n * (seq_length + 1)].reshape(n, seq_length + 1)
+        if ids.ndim != 2:
+            raise ValueError(f"{source}: expected token ids of shape (samples, tokens), got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{source}: token ids must be integers, got dtype {ids.dtype}")
+        if ids.shape[0] == 0 or ids.shape[1] < 2:
+            raise ValueError(
+                f"{source}: no training samples (shape {ids.shape}); need at least one sample of >= 2 tokens"
+                + (f" (seq_length {seq_length} + 1 tokens each)" if seq_length else "")
+            )
+        if seq_length is not None and ids.shape[1] - 1 != seq_length:
+            if ids.shape[1] - 1 < seq_length:
+                raise ValueError(
+                    f"{source}: samples have {ids.shape[1]} tokens, fewer than seq_length + 1 = {seq_length + 1}"
+                )
+            ids = ids[:, : seq_length + 1]
+            labels = None if labels is None else np.asarray(labels)[:, : seq_length + 1]
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != ids.shape:
+                raise ValueError(f"{source}: labels have shape {labels.shape}, input_ids {ids.shape}")
+        return cls(ids, labels)
+
+    def check(self, vocab_size: int, max_seq_len: int, source: str = "data") -> None:
+        """Clear errors for ids outside the vocabulary or samples longer than the model's context."""
+        if self.seq_length > max_seq_len:
+            raise ValueError(
+                f"{source}: samples train {self.seq_length} positions (seq_length), above the model's "
+                f"max_seq_len {max_seq_len}; use a smaller seq_length or a model with a longer context"
+            )
+        lo, hi = int(self.input_ids.min()), int(self.input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"{source}: token ids range over [{lo}, {hi}] but the model's vocab_size is {vocab_size} "
+                "(was the data tokenized with a different tokenizer?)"
+            )
+        if self.labels is not None:
+            lab = self.labels[self.labels != IGNORE_INDEX]
+            if lab.size and (lab.min() < 0 or lab.max() >= vocab_size):
+                raise ValueError(f"{source}: labels outside [0, {vocab_size}) other than {IGNORE_INDEX}")
+
+
+@attrs.frozen
+class DataOrder:
+    """Which samples each step reads: a seeded permutation per epoch; incomplete last batches are dropped."""
+
+    n_samples: int
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if self.n_samples < self.batch_size:
+            raise ValueError(
+                f"the data has {self.n_samples} sample(s), fewer than batch_size {self.batch_size}; "
+                "use more data or a smaller batch"
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_samples // self.batch_size
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_samples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_samples)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch index within the epoch) of global step `step` (0-based)."""
+        return divmod(step, self.steps_per_epoch)
+
+    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Sample indices of this rank's share of global step `step`."""
+        epoch, k = self.position(step)
+        batch = self.permutation(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
+        per_rank = self.batch_size // world_size
+        return batch[rank * per_rank : (rank + 1) * per_rank]
+
+
+class Trainer:
+    """Trains `runtime` on `data` under `config`, writing metrics and checkpoints into `out_dir` (rank 0)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        config: TrainConfig,
+        data: TrainData,
+        out_dir: str | Path | None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        tokenizer_file: str | Path | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+        model_tensors: Callable[[], Iterable[tuple[str, np.ndarray]]] | None = None,
+        on_save: Callable[[Path], None] | None = None,
+        extra_state: dict[str, Any] | None = None,
+        train_state: TrainState | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.data = data
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        det_rank, det_world = detect_rank_world()
+        self.rank = det_rank if rank is None else rank
+        self.world_size = det_world if world_size is None else world_size
+        self.tokenizer_file = tokenizer_file
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.model_tensors = model_tensors or runtime.state_dict
+        self.on_save = on_save
+        self.extra_state = dict(extra_state or {})
+        cfg = runtime.config
+        data.check(cfg.vocab_size, cfg.max_seq_len)
+        if config.batch_size % self.world_size:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by the world size {self.world_size}")
+        self.per_rank = config.batch_size // self.world_size
+        self.micro = config.micro_batch_size or self.per_rank
+        if self.per_rank % self.micro:
+            raise ValueError(
+                f"the per-rank batch ({self.per_rank} = batch_size {config.batch_size} / {self.world_size} ranks) "
+                f"is not divisible by micro_batch_size {self.micro}"
+            )
+        self.order = DataOrder(data.n_samples, config.batch_size, config.seed, config.shuffle)
+        self.state = train_state or runtime.train_state(config.optim())
+        self.step = 0
+        self.elapsed = 0.0
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0 and self.out_dir is not None
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        epoch, k = self.order.position(self.step)
+        c = self.config
+        return {
+            "step": self.step,
+            "epoch": epoch,
+            "batch_in_epoch": k,
+            "samples_seen": self.step * c.batch_size,
+            "n_samples": self.data.n_samples,
+            "seed": c.seed,
+            "elapsed": self.elapsed,
+            "scheduler": {
+                "name": c.schedule,
+                "lr": c.lr,
+                "min_lr": c.final_lr,
+                "warmup_steps": c.warmup_steps,
+                "total_steps": c.steps,
+                "last_lr": self.lr(max(self.step - 1, 0)),
+            },
+            "train_config": c.to_dict(),
+            "model_config": self.runtime.config.to_dict(),
+            "world_size": self.world_size,
+            **self.extra_state,
+        }
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 only); returns its dir."""
+        if not self.is_writer:
+            return None
+        return rd.save_checkpoint(
+            self.out_dir,
+            self.step,
+            config=self.runtime.config,
+            tensors=self.model_tensors(),
+            optimizer_state=self.state.state_dict(),
+            trainer_state=self.trainer_state(),
+            tokenizer_file=self.tokenizer_file,
+            on_save=self.on_save,
+            keep=self.config.keep,
+        )
+
+    def resume(self, run_dir: str | Path | None = None) -> int:
+        """Load the newest readable checkpoint of `run_dir` (default out_dir); returns its step (0 if none).
+
+        A corrupt newest checkpoint is reported and the previous one used.
+        """
+        run_dir = Path(run_dir) if run_dir is not None else self.out_dir
+        ckpts = rd.list_checkpoints(run_dir) if run_dir is not None else []
+        errors = []
+        for path in reversed(ckpts):
+            try:
+                rd.verify_checkpoint(path)
+                self._load(path)
+            except (rd.CheckpointError, KeyError, ValueError, OSError) as exc:
+                errors.append(f"{path.name}: {exc}")
+                self.log(f"checkpoint {path.name} is corrupt or unreadable ({exc}); falling back to the previous one")
+                if self.is_writer:  # move it out of the way so that later saves and loads skip it
+                    os.replace(path, path.with_name(f".{path.name}.corrupt-{int(time.time())}"))
+                continue
+            self.log(f"resumed from {path} at step {self.step}")
+            return self.step
+        if errors:
+            raise FileNotFoundError(f"cannot resume from {run_dir}: no loadable checkpoint ({'; '.join(errors)})")
+        return 0
+
+    def _load(self, path: Path) -> None:
+        st = rd.read_trainer_state(path)
+        if st.get("n_samples") not in (None, self.data.n_samples):
+            self.log(f"warning: {path.name} was trained on {st['n_samples']} samples, now {self.data.n_samples}")
+        saved = st.get("train_config", {})
+        for key in ("batch_size", "seed", "shuffle"):
+            if key in saved and saved[key] != getattr(self.config, key):
+                self.log(f"warning: {key} was {saved[key]!r} in {path.name}, now {getattr(self.config, key)!r}")
+        self.runtime.load_state(rd.read_model_tensors(path), source=str(path / rd.MODEL_FILE))
+        opt = rd.read_optimizer_state(path)
+        if opt is None:
+            raise rd.CheckpointError(f"{path / rd.OPTIMIZER_FILE}: missing; cannot resume the optimizer")
+        self.state.load_state_dict(opt)
+        self.step = int(st["step"])
+        self.elapsed = float(st.get("elapsed", 0.0))
+        if self.is_writer:
+            self._truncate_metrics(self.step)
+
+    # ---- metrics -------------------------------------------------------------------------------------------
+    @property
+    def metrics_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / METRICS_FILE
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines past `step` (written after the checkpoint we resume from)."""
+        path = self.metrics_path
+        if path is None or not path.exists():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the crash
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(f"{x}\n" for x in keep), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_writer:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def lr(self, step: int) -> float:
+        c = self.config
+        return lr_at(
+            step, schedule=c.schedule, lr=c.lr, min_lr=c.final_lr, warmup_steps=c.warmup_steps, total_steps=c.steps
+        )
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        fn = getattr(self.state, "all_reduce_sum", None)
+        if fn is None or self.world_size == 1:
+            return values
+        return [float(v) for v in np.asarray(fn(np.asarray(values, np.float64)))]
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer update (all micro-batches of this rank's share of the batch); returns its metrics."""
+        t0 = time.perf_counter()
+        step = self.step
+        lr = self.lr(step)
+        idx = self.order.indices(step, self.rank, self.world_size)
+        sum_nll, n_tok, n_in = 0.0, 0, 0
+        for start in range(0, len(idx), self.micro):
+            ids, labels = self.data.batch(idx[start : start + self.micro])
+            s, n = self.state.accumulate(ids, labels)
+            sum_nll += float(s)
+            n_tok += int(n)
+            n_in += int(ids.size)
+        sum_nll, n_tok_f = self._reduce([sum_nll, n_tok])
+        n_tok = int(round(n_tok_f))
+        n_in *= self.world_size  # every rank reads an equal share
+        loss = sum_nll / max(n_tok, 1)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss} at step {step + 1} (lr {lr:.3g}); stopping before the update. "
+                "Try a lower lr, a smaller grad_clip, or check the data."
+            )
+        grad_norm = float(self.state.apply(lr, max(n_tok, 1)))
+        self.step = step + 1
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        epoch, _ = self.order.position(step)
+        return {
+            "step": self.step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": n_tok,
+            "tokens_per_s": n_in / dt if dt > 0 else 0.0,
+            "elapsed": round(self.elapsed, 4),
+        }
+
+    def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Train from the current step to `config.steps` (or stop after step `stop_after`); returns the metrics.
+
+        Saves every `save_every` steps and at the end. Raises NonFiniteLossError on a NaN/inf loss.
+        """
+        end = self.config.steps if stop_after is None else min(stop_after, self.config.steps)
+        if self.is_writer:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        bar = None
+        if self.progress and self.rank == 0 and self.step < end:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.config.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        self.runtime.train(True)
+        try:
+            while self.step < end:
+                rec = self.train_step()
+                self.history.append(rec)
+                if rec["step"] % self.config.log_every == 0 or rec["step"] == end:
+                    self._write_metrics(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}"
+                    )
+                every = self.config.save_every
+                if (every and self.step % every == 0) or self.step == self.config.steps:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.runtime.train(False)
+        return self.history

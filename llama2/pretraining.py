@@ -1,0 +1,198 @@
+"""`pretrain(...)`: train a Llama 2 model from random initialization (or resume a run) on packed token samples."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+
+from llama2.core import run_dir as rd
+from llama2.core.config import ModelConfig
+from llama2.core.train_config import ParallelConfig, TrainConfig
+from llama2.core.trainer import TrainData, Trainer, detect_rank_world
+
+if TYPE_CHECKING:
+    from llama2.core.model import Model
+
+__all__ = ["pretrain", "load_training_data", "resolve_model_config"]
+
+_TRAIN_FIELDS = {a.name for a in attrs.fields(TrainConfig)}
+
+
+def resolve_model_config(config: ModelConfig | str | dict | None, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from an instance, a preset name, a dict of fields, or a YAML run file's `model` section."""
+    if isinstance(config, ModelConfig):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = ModelConfig.from_dict(config)
+    elif isinstance(config, str | Path) and str(config).endswith((".yaml", ".yml")):
+        from llama2.core.train_config import load_run_config
+
+        rc = load_run_config(config)
+        if rc.model is None:
+            raise ValueError(f"{config}: no 'model' section")
+        cfg = rc.model
+    elif isinstance(config, str):
+        cfg = ModelConfig.from_preset(config)
+    else:
+        raise TypeError(f"expected a ModelConfig, a preset name or a dict, got {type(config).__name__}")
+    return attrs.evolve(cfg, **overrides) if overrides else cfg
+
+
+def load_training_data(data: Any, seq_length: int | None = None) -> TrainData:
+    """Training samples from a path (.npy array, or a records file read with llama2.data.records), an array
+    (2-D samples or a 1-D token stream), a dict with input_ids/labels, or a TrainData."""
+    if isinstance(data, str | Path):
+        path = Path(data)
+        if not path.exists():
+            raise FileNotFoundError(f"training data {path} not found")
+        if path.suffix == ".npy":
+            arr: Any = np.load(path)
+        else:
+            from llama2.data.records import read_records
+
+            arr = read_records(path)
+        return TrainData.from_any(arr, seq_length, source=str(path))
+    if data is None:
+        raise ValueError("pretrain needs data=: a records file, a .npy file or a numpy array of token ids")
+    return TrainData.from_any(data, seq_length)
+
+
+def pretrain(
+    config_or_preset: ModelConfig | str | dict | None,
+    data: Any,
+    out_dir: str | Path,
+    *,
+    steps: int = 1000,
+    batch_size: int = 8,
+    micro_batch_size: int | None = None,
+    seq_length: int | None = None,
+    lr: float = 3e-4,
+    min_lr: float | None = None,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.1,
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    save_every: int = 0,
+    keep: int = 3,
+    resume: bool = False,
+    backend: str = "mindspore",
+    mode: str = "graph",
+    device: str = "cpu",
+    dtype: str = "float32",
+    tokenizer: Any = None,
+    parallel: ParallelConfig | dict | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+    **train_options: Any,
+) -> Model:
+    """Pretrain a model on `data` and return it; checkpoints, metrics.jsonl and trainer state go to `out_dir`.
+
+    config_or_preset: a ModelConfig, a preset name (`tiny`, `small`, `llama2-7b`, ...) or a dict; None with
+    `resume=True` takes the config of the run's checkpoint. data: see `load_training_data`. The other arguments
+    are `TrainConfig` fields (extra ones, e.g. `schedule`, `betas`, `log_every`, go in `train_options`) and
+    RuntimeOptions (backend, mode, device, dtype). `resume=True` continues from the newest readable checkpoint
+    in `out_dir` exactly where it stopped. `stop_after` ends the run early after that step (for tests/demos).
+    """
+    from llama2.core.model import Model, build_runtime
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out_dir = Path(out_dir)
+    unknown = sorted(set(train_options) - _TRAIN_FIELDS)
+    if unknown:
+        raise TypeError(f"pretrain() got unknown option(s) {unknown}; TrainConfig fields: {sorted(_TRAIN_FIELDS)}")
+    train = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        micro_batch_size=micro_batch_size,
+        seq_length=seq_length,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        seed=seed,
+        save_every=save_every,
+        keep=keep,
+        **train_options,
+    )
+
+    resume_from = None
+    if resume and rd.list_checkpoints(out_dir):
+        resume_from = rd.latest_checkpoint(out_dir, on_skip=log)
+        saved = rd.read_model_config(resume_from)
+        if config_or_preset is None:
+            config_or_preset = saved
+    if config_or_preset is None:
+        raise ValueError("pretrain needs a model config or preset name (or resume=True on a run dir with checkpoints)")
+    config = resolve_model_config(config_or_preset)
+    if resume_from is not None and rd.read_model_config(resume_from) != config:
+        raise ValueError(
+            f"{resume_from / rd.CONFIG_FILE}: the run's model config differs from the requested one; "
+            "resume with the same config (or config=None to take the run's)"
+        )
+
+    tok, tok_file = _tokenizer(tokenizer, config)
+    if tok_file is None and resume_from is not None and (resume_from / rd.TOKENIZER_FILE).is_file():
+        tok_file = resume_from / rd.TOKENIZER_FILE
+    dataset = load_training_data(data, seq_length)
+
+    rank, world = detect_rank_world()
+    par = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.from_dict(dict(parallel or {}))
+    if parallel is None and world > 1:
+        par = ParallelConfig(data_parallel=world)
+    par.validate(world_size=world, device=device, model=config)
+    if par.model_parallel > 1 or par.pipeline_stage > 1:
+        raise ValueError("model_parallel/pipeline_stage > 1 are not supported by pretrain yet; use data_parallel")
+
+    runtime = build_runtime(config, backend, mode=mode, device=device, dtype=dtype, seed=seed)
+    runtime.init_weights(seed)
+    trainer = Trainer(
+        runtime,
+        train,
+        dataset,
+        out_dir,
+        rank=rank,
+        world_size=world,
+        tokenizer_file=tok_file,
+        progress=progress,
+        log=log,
+        extra_state={"parallel_config": par.to_dict(), "backend": backend, "mode": mode},
+    )
+    if resume:
+        trainer.resume()
+    if rank == 0:
+        log(
+            f"pretraining {config.num_parameters():,} parameters on {dataset.n_samples} samples x "
+            f"{dataset.seq_length} tokens: steps {trainer.step}->{train.steps}, batch {train.batch_size} "
+            f"(micro {trainer.micro}, {world} rank(s)), backend {backend}/{mode}, out {out_dir}"
+        )
+    trainer.fit(stop_after=stop_after)
+    if trainer.step != (stop_after or train.steps) and trainer.step < train.steps:
+        trainer.save()
+    elif stop_after is not None and trainer.step < train.steps:
+        trainer.save()
+    return Model(runtime, tok)
+
+
+def _tokenizer(tokenizer: Any, config: ModelConfig) -> tuple[Any, Path | None]:
+    """(Tokenizer or None, its .model file) checked against the model's vocabulary size."""
+    if tokenizer is None:
+        return None, None
+    if isinstance(tokenizer, str | Path):
+        from llama2.data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(tokenizer)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} pieces but the model's "
+            f"vocab_size is {config.vocab_size}; pick a config with vocab_size={tokenizer.vocab_size} "
+            f"(e.g. ModelConfig.from_preset(..., vocab_size={tokenizer.vocab_size}) or --vocab-size)"
+        )
+    path = getattr(tokenizer, "path", None)
+    return tokenizer, Path(path) if path is not None else None
