@@ -1,8 +1,10 @@
 """Prefill and decode throughput on the `small` preset: llama2 backends against HF transformers, same weights.
 
-    python benchmarks/bench_generate.py [--prompt-len 128] [--new-tokens 32] [--batches 1 8]
+    python benchmarks/bench_generate.py [--prompt-len 128] [--new-tokens 32] [--batches 1 8] [--modes graph eager]
 
-Prints a table (tokens/s) and ratios llama2 / HF. Not a test: numbers depend on the machine.
+Prints a table (tokens/s) and ratios llama2 / HF. Prefill = one forward over the prompt (best of 3); decode =
+(generate time - prefill time) / new tokens, for HF `generate` (greedy) and llama2 `generate_ids` alike, after a
+warm-up call that pays MindSpore's one-time `jit` compilation. Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--backends", nargs="+", default=["mindspore", "torch"])
+    ap.add_argument("--modes", nargs="+", default=["graph"], choices=["graph", "eager"], help="llama2 run modes")
     args = ap.parse_args()
 
     import torch
@@ -75,7 +78,7 @@ def main() -> None:
         for name in args.backends:
             if name not in BACKENDS:
                 continue
-            for mode in ("graph", "eager"):
+            for mode in args.modes:
                 model = llama2.load(tmp, backend=name, mode=mode)
                 rt = model.runtime
 

@@ -158,20 +158,13 @@ def _read_token_data(
 
 
 def _read_records(path: Path) -> list[np.ndarray]:
-    """Packed rows from a records file (MindRecord / numpy records) through llama2.data.records."""
-    try:
-        from llama2.data import records
-    except ImportError as exc:
-        raise ValueError(f"{path}: unknown data format and llama2.data.records is unavailable ({exc})") from None
-    reader = getattr(records, "read_records", None)
-    if reader is None:
-        raise ValueError(f"{path}: llama2.data.records has no read_records(path); cannot read packed rows")
-    rows = []
-    for i, rec in enumerate(reader(path)):
-        if "input_ids" not in rec:
-            raise ValueError(f"{path}: record {i} has no 'input_ids' field (fields: {sorted(rec)})")
-        rows.append(np.asarray(rec["input_ids"], dtype=np.int64).reshape(-1))
-    return rows
+    """Packed rows from a record file (MindRecord, .npz, ...) through llama2.data.records."""
+    from llama2.data.records import read_columns
+
+    cols = read_columns(path, stack=False)
+    if "input_ids" not in cols:
+        raise ValueError(f"{path}: no 'input_ids' column (columns: {sorted(cols)})")
+    return [np.asarray(r, dtype=np.int64).reshape(-1) for r in cols["input_ids"]]
 
 
 def _tokenizer(model: Any) -> Any:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import numpy as np
 
 from llama2.core import run_dir as rd
 from llama2.core.config import ModelConfig
@@ -50,20 +49,16 @@ def load_training_data(data: Any, seq_length: int | None = None) -> TrainData:
         path = Path(data)
         if not path.exists():
             raise FileNotFoundError(f"training data {path} not found")
-        if path.suffix == ".npy":
-            arr: Any = np.load(path)
-        else:
-            from llama2.data.records import read_records
+        from llama2.data.records import read_columns
 
-            arr = read_records(path)
-        return TrainData.from_any(arr, seq_length, source=str(path))
+        return TrainData.from_any(read_columns(path), seq_length, source=str(path))
     if data is None:
         raise ValueError("pretrain needs data=: a records file, a .npy file or a numpy array of token ids")
     return TrainData.from_any(data, seq_length)
 
 
 def pretrain(
-    config_or_preset: ModelConfig | str | dict | None,
+    config_or_preset: ModelConfig | str | dict | Model | None,
     data: Any,
     out_dir: str | Path,
     *,
@@ -93,8 +88,9 @@ def pretrain(
 ) -> Model:
     """Pretrain a model on `data` and return it; checkpoints, metrics.jsonl and trainer state go to `out_dir`.
 
-    config_or_preset: a ModelConfig, a preset name (`tiny`, `small`, `llama2-7b`, ...) or a dict; None with
-    `resume=True` takes the config of the run's checkpoint. data: see `load_training_data`. The other arguments
+    config_or_preset: a ModelConfig, a preset name (`tiny`, `small`, `llama2-7b`, ...), a dict, a YAML run file's
+    path, or a `Model` (trained in place, keeping its weights and backend); None with `resume=True` takes the
+    config of the run's checkpoint. data: see `load_training_data`. The other arguments
     are `TrainConfig` fields (extra ones, e.g. `schedule`, `betas`, `log_every`, go in `train_options`) and
     RuntimeOptions (backend, mode, device, dtype). `resume=True` continues from the newest readable checkpoint
     in `out_dir` exactly where it stopped. `stop_after` ends the run early after that step (for tests/demos).
@@ -102,6 +98,8 @@ def pretrain(
     from llama2.core.model import Model, build_runtime
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if out_dir is None:
+        raise ValueError("pretrain needs out_dir= (checkpoints and metrics.jsonl go there)")
     out_dir = Path(out_dir)
     unknown = sorted(set(train_options) - _TRAIN_FIELDS)
     if unknown:
@@ -122,21 +120,28 @@ def pretrain(
         **train_options,
     )
 
+    given_model = config_or_preset if isinstance(config_or_preset, Model) else None
     resume_from = None
     if resume and rd.list_checkpoints(out_dir):
-        resume_from = rd.latest_checkpoint(out_dir, on_skip=log)
-        saved = rd.read_model_config(resume_from)
+        resume_from = rd.latest_checkpoint(out_dir)  # the Trainer reports (and skips) corrupt ones
         if config_or_preset is None:
-            config_or_preset = saved
+            config_or_preset = rd.read_model_config(resume_from)
+    elif not resume and rd.list_checkpoints(out_dir):
+        raise ValueError(
+            f"{out_dir} already holds checkpoints of an earlier run; pass resume=True (--resume) to continue it, "
+            "or use a new out_dir"
+        )
     if config_or_preset is None:
         raise ValueError("pretrain needs a model config or preset name (or resume=True on a run dir with checkpoints)")
-    config = resolve_model_config(config_or_preset)
+    config = given_model.config if given_model is not None else resolve_model_config(config_or_preset)
     if resume_from is not None and rd.read_model_config(resume_from) != config:
         raise ValueError(
             f"{resume_from / rd.CONFIG_FILE}: the run's model config differs from the requested one; "
             "resume with the same config (or config=None to take the run's)"
         )
 
+    if tokenizer is None and given_model is not None:
+        tokenizer = given_model.tokenizer
     tok, tok_file = _tokenizer(tokenizer, config)
     if tok_file is None and resume_from is not None and (resume_from / rd.TOKENIZER_FILE).is_file():
         tok_file = resume_from / rd.TOKENIZER_FILE
@@ -150,8 +155,12 @@ def pretrain(
     if par.model_parallel > 1 or par.pipeline_stage > 1:
         raise ValueError("model_parallel/pipeline_stage > 1 are not supported by pretrain yet; use data_parallel")
 
-    runtime = build_runtime(config, backend, mode=mode, device=device, dtype=dtype, seed=seed)
-    runtime.init_weights(seed)
+    if given_model is not None:
+        runtime = given_model.runtime
+        backend, mode = runtime.backend_name, runtime.options.mode
+    else:
+        runtime = build_runtime(config, backend, mode=mode, device=device, dtype=dtype, seed=seed)
+        runtime.init_weights(seed)
     trainer = Trainer(
         runtime,
         train,
@@ -164,8 +173,10 @@ def pretrain(
         log=log,
         extra_state={"parallel_config": par.to_dict(), "backend": backend, "mode": mode},
     )
-    if resume:
+    if resume_from is not None:
         trainer.resume()
+    elif trainer.is_writer and trainer.metrics_path.exists():
+        trainer.metrics_path.unlink()  # a fresh run in a dir without checkpoints: start a new log
     if rank == 0:
         log(
             f"pretraining {config.num_parameters():,} parameters on {dataset.n_samples} samples x "
@@ -173,10 +184,11 @@ def pretrain(
             f"(micro {trainer.micro}, {world} rank(s)), backend {backend}/{mode}, out {out_dir}"
         )
     trainer.fit(stop_after=stop_after)
-    if trainer.step != (stop_after or train.steps) and trainer.step < train.steps:
+    if trainer.step < train.steps:  # stopped early (stop_after): keep the position for resume=True
         trainer.save()
-    elif stop_after is not None and trainer.step < train.steps:
-        trainer.save()
+    if given_model is not None:
+        given_model.tokenizer = tok if tok is not None else given_model.tokenizer
+        return given_model
     return Model(runtime, tok)
 
 

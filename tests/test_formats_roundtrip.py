@@ -99,7 +99,7 @@ def test_meta_params_json(tmp_path, hf_models):
     assert open_checkpoint(nh).config.n_kv_heads == 8
 
 
-def test_hf_sharded_bin_and_transformers_load(hf_models, tmp_path):
+def test_hf_sharded_and_transformers_load(hf_models, tmp_path):
     import transformers
 
     src, ref, model = hf_models[(4, 2, False)]
@@ -111,11 +111,7 @@ def test_hf_sharded_bin_and_transformers_load(hf_models, tmp_path):
     ids = np.array([[1, 5, 9, 3, 7]])
     reloaded = transformers.LlamaForCausalLM.from_pretrained(sharded).eval()
     np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(model, ids))
-    bin_dir = tmp_path / "bin"
-    model.save_pretrained(bin_dir, safe_serialization=False)
-    assert detect_format(bin_dir) == "hf"
-    with open_checkpoint(bin_dir) as ckpt:
-        _assert_same(ckpt, ref)
+    # pytorch_model*.bin reading: tests/test_formats_real.py (transformers 5 no longer writes .bin files)
 
 
 def test_dtypes(hf_models, tmp_path):

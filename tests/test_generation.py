@@ -13,7 +13,7 @@ from llama2.core.generation import (
     top_p_filter,
 )
 from llama2.core.registry import BACKENDS
-from tests.conftest import make_hf_llama
+from tests.conftest import data_path, make_hf_llama
 
 BACKEND_NAMES = ["mindspore", "torch"]
 
@@ -145,3 +145,62 @@ def test_sampling_seeded_and_eos(hf_dir, backend):
     # Use the first greedy token as "EOS": generation must stop immediately with nothing emitted.
     first = model.generate_ids([prompts[0]], max_new_tokens=1, eos_id=None)[0][0]
     assert model.generate_ids([prompts[0]], max_new_tokens=5, eos_id=first) == [[]]
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_cli_info_with_backend(hf_dir, backend, capsys):
+    import json
+
+    import llama2
+    from llama2.cli import main
+
+    d, _ = hf_dir
+    _backend_or_skip(backend)
+    assert main(["info", "--model", str(d), "--backend", backend, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backend"]["backend"] == backend
+    assert info["backend"]["loaded_parameters"] == info["num_parameters"] == llama2.load(d).num_parameters()
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory):
+    """A 1-layer random model with the real Llama 2 vocabulary and tokenizer.model beside it."""
+    import shutil
+
+    tok = data_path("tokenizer/llama2/tokenizer.model")
+    d = tmp_path_factory.mktemp("textmodel")
+    make_hf_llama(d, n_heads=4, n_kv_heads=2, dim=32, vocab_size=32000, max_seq_len=32, n_layers=1, seed=2)
+    shutil.copyfile(tok, d / "tokenizer.model")
+    return d
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_cli_generate_backend_flag(text_model_dir, backend, capsys):
+    import json
+
+    import llama2
+    from llama2.cli import main
+
+    _backend_or_skip(backend)
+    argv = ["generate", "--model", str(text_model_dir), "--backend", backend, "--max-new-tokens", "4", "--json"]
+    assert main([*argv, "--prompt", "Hello", "--prompt", "The capital of"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = llama2.load(text_model_dir, backend=backend).generate(["Hello", "The capital of"], max_new_tokens=4)
+    assert [o["completion"] for o in out] == expected
+    assert [o["prompt"] for o in out] == ["Hello", "The capital of"]
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_stream_and_stop_strings(text_model_dir, backend):
+    import llama2
+
+    model = llama2.load(text_model_dir, backend=_backend_or_skip(backend))
+    full = model.generate("Once upon a time", max_new_tokens=12)[0]
+    pieces = list(model.stream("Once upon a time", max_new_tokens=12))
+    assert "".join(pieces) == full and len(pieces) > 1
+    stop = full.strip()[len(full.strip()) // 2 :][:3]  # a substring from the middle of the greedy continuation
+    assert stop and stop in full
+    cut = model.generate("Once upon a time", max_new_tokens=12, stop=stop)[0]
+    assert cut == full[: full.index(stop)]
+    assert "".join(model.stream("Once upon a time", max_new_tokens=12, stop=stop)) == cut

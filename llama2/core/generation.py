@@ -21,6 +21,7 @@ __all__ = [
     "select_next",
     "iter_generate",
     "generate_ids",
+    "bucketed_lengths",
 ]
 
 
@@ -127,14 +128,16 @@ def iter_generate(
         )
     if cfg.max_new_tokens == 0:
         return
-    total = min(wanted, max_seq)
+    steps = min(cfg.max_new_tokens, max_seq - int(lens.max()))  # new tokens that fit in the context
+    width, cache_len = bucketed_lengths(width, steps, max_seq, getattr(runtime, "length_bucket", 1))
+    total = width + steps  # slots actually used: (bucketed) prompt width, then one per new token
     ids = np.full((b, width), pad_id, dtype=np.int32)
     mask = np.zeros((b, width), dtype=np.int32)
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = np.asarray(p, dtype=np.int32)
         mask[i, width - len(p) :] = 1
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int32)
-    kv_mask = np.zeros((b, total), dtype=np.int32)
+    kv_mask = np.zeros((b, cache_len), dtype=np.int32)
     kv_mask[:, :width] = mask
     vocab = runtime.config.vocab_size
     seen = np.zeros((b, vocab), dtype=bool)
@@ -142,7 +145,7 @@ def iter_generate(
         for i, p in enumerate(prompts):
             seen[i, np.asarray(p, dtype=np.int64)] = True
     rng = np.random.default_rng(cfg.seed)
-    cache = runtime.new_cache(b, total)
+    cache = runtime.new_cache(b, cache_len)
     logits = runtime.decode(cache, ids, positions, kv_mask, start=0, last_only=True)[:, -1]
     next_pos = lens.astype(np.int32)
     finished = np.zeros(b, dtype=bool)
@@ -164,6 +167,19 @@ def iter_generate(
         kv_mask[:, slot] = 1
         logits = runtime.decode(cache, tok[:, None], next_pos[:, None], kv_mask, start=slot, last_only=True)[:, -1]
         next_pos = next_pos + 1
+
+
+def bucketed_lengths(width: int, steps: int, max_seq: int, bucket: int) -> tuple[int, int]:
+    """(prompt width, cache length) rounded up to multiples of `bucket` where the context allows.
+
+    A compiled backend (MindSpore `jit`) compiles once per input shape; extra left padding (masked, so the logits
+    do not change) and a rounded-up cache let prompts of nearby lengths share one compiled prefill and decode step.
+    """
+    if bucket <= 1:
+        return width, width + steps
+    up = -(-width // bucket) * bucket
+    width = min(up, max_seq - steps)  # never trade context for padding
+    return width, min(-(-(width + steps) // bucket) * bucket, max_seq)
 
 
 def generate_ids(

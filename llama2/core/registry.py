@@ -19,10 +19,13 @@ class Registry(Generic[T]):
     an entry point in `group` are loaded on the first lookup of an unknown name (or on `names()`).
     """
 
-    def __init__(self, kind: str, group: str | None = None, builtin: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, kind: str, group: str | None = None, builtin: tuple[str, ...] = (), lazy: dict[str, str] | None = None
+    ) -> None:
         self.kind = kind
         self.group = group
         self._builtin = builtin  # modules imported lazily to register the built-in entries
+        self._lazy = dict(lazy or {})  # name -> module registering just that entry (imported on its first lookup)
         self._items: dict[str, T] = {}
         self._builtin_loaded = False
         self._plugins_loaded = False
@@ -38,7 +41,17 @@ class Registry(Generic[T]):
 
         return deco(obj) if obj is not None else deco
 
+    def _load_one(self, name: object) -> None:
+        """Import the module of one lazily registered built-in entry (e.g. one backend, not all of them)."""
+        module = self._lazy.get(name) if isinstance(name, str) else None
+        if module is not None and name not in self._items:
+            import importlib
+
+            importlib.import_module(module)
+
     def _load_builtin(self) -> None:
+        for lazy_name in self._lazy:
+            self._load_one(lazy_name)
         if not self._builtin_loaded:
             self._builtin_loaded = True
             import importlib
@@ -66,7 +79,9 @@ class Registry(Generic[T]):
                 self._items[ep.name] = loaded
 
     def get(self, name: str) -> T:
-        self._load_builtin()
+        self._load_one(name)
+        if name not in self._items:
+            self._load_builtin()
         if name not in self._items:
             self.load_plugins()
         try:
@@ -81,7 +96,9 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
-        self._load_builtin()
+        self._load_one(name)
+        if name not in self._items:
+            self._load_builtin()
         if name not in self._items:
             self.load_plugins()
         return name in self._items
@@ -97,7 +114,7 @@ def _is_module(obj: object) -> bool:
 
 
 BACKENDS: Registry = Registry(
-    "backend", "llama2.backends", builtin=("llama2.backends.mindspore", "llama2.backends.torch")
+    "backend", "llama2.backends", lazy={"mindspore": "llama2.backends.mindspore", "torch": "llama2.backends.torch"}
 )
 ADAPTERS: Registry = Registry("adapter", "llama2.adapters", builtin=("llama2.peft",))
 METRICS: Registry = Registry("metric", "llama2.metrics", builtin=("llama2.metrics",))

@@ -198,7 +198,7 @@ def save_checkpoint(
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         del weights
         if optimizer_state is not None:
-            opt = {k: np.ascontiguousarray(v) for k, v in optimizer_state.items()}
+            opt = {k: np.array(v, order="C") for k, v in optimizer_state.items()}  # keeps 0-d arrays 0-d
             save_file(opt, str(tmp / OPTIMIZER_FILE), metadata={"format": "llama2-optimizer"})
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)

@@ -96,10 +96,14 @@ class TrainConfig:
 
 @attrs.frozen(kw_only=True)
 class ParallelConfig:
-    """How a run is split over devices (the seed's names).
+    """How a run is split over devices (the seed's `parallel_config` names).
 
-    data_parallel * model_parallel * pipeline_stage must equal the device (process) count. Tensor (model) and
-    pipeline parallelism need GPU/Ascend semi-auto parallel; on CPU only data parallelism works.
+    data_parallel * model_parallel * pipeline_stage must equal the device (process) count; micro_batch_num (the
+    pipeline's micro-batches per step) must be >= pipeline_stage; model_parallel must divide n_heads, n_kv_heads
+    and hidden_dim; pipeline_stage must divide n_layers. Model (tensor) and pipeline parallelism run on GPU/Ascend
+    through MindSpore's semi-auto parallel (strategy from `llama2.core.parallel.derive_strategy`); on CPU only
+    data parallelism works. vocab_emb_dp keeps the embedding and LM head replicated (data parallel only);
+    use_seq_parallel and recompute are passed to the backend (sequence-parallel norms, activation recomputation).
     """
 
     data_parallel: int = attrs.field(default=1, validator=_positive)
@@ -121,29 +125,40 @@ class ParallelConfig:
     def device_count(self) -> int:
         return self.data_parallel * self.model_parallel * self.pipeline_stage
 
-    def validate(self, *, world_size: int, device: str = "cpu", model: ModelConfig | None = None) -> None:
-        """Check this layout against the process count, the device kind and the model shape."""
-        if self.device_count != world_size:
+    @property
+    def sharded(self) -> bool:
+        """True when model or pipeline parallelism is used (needs semi-auto parallel on GPU/Ascend)."""
+        return self.model_parallel > 1 or self.pipeline_stage > 1
+
+    def validate(
+        self, *, world_size: int | None = None, device: str | None = None, model: ModelConfig | None = None
+    ) -> None:
+        """Check this layout against the process count, the device kind and the model shape (each when given)."""
+        if world_size is not None and self.device_count != world_size:
             raise ValueError(
                 f"ParallelConfig: data_parallel * model_parallel * pipeline_stage = {self.data_parallel} * "
                 f"{self.model_parallel} * {self.pipeline_stage} = {self.device_count}, but {world_size} "
-                f"process(es) are running (launch with msrun/torchrun --nproc {self.device_count}, or change it)"
+                f"process(es) are running (launch {self.device_count} with msrun/torchrun, or change it)"
             )
-        if device == "cpu" and (self.model_parallel > 1 or self.pipeline_stage > 1):
+        if device == "cpu" and self.sharded:
             raise ValueError(
                 f"ParallelConfig: model_parallel={self.model_parallel}, pipeline_stage={self.pipeline_stage} need "
-                "GPU or Ascend devices (semi-auto parallel); on CPU only data_parallel is supported"
+                "GPU or Ascend devices (MindSpore semi-auto parallel); on CPU only data_parallel is supported"
             )
-        if model is not None:
-            if model.n_heads % self.model_parallel or model.n_kv_heads % self.model_parallel:
+        if model is None:
+            return
+        mp, pp = self.model_parallel, self.pipeline_stage
+        for field in ("n_heads", "n_kv_heads", "hidden_dim"):
+            if getattr(model, field) % mp:
                 raise ValueError(
-                    f"ParallelConfig.model_parallel={self.model_parallel} must divide n_heads ({model.n_heads}) "
-                    f"and n_kv_heads ({model.n_kv_heads})"
+                    f"ParallelConfig.model_parallel={mp} must divide the model's {field} ({getattr(model, field)}); "
+                    "each model-parallel rank holds whole heads and an equal share of the MLP"
                 )
-            if model.n_layers % self.pipeline_stage:
-                raise ValueError(
-                    f"ParallelConfig.pipeline_stage={self.pipeline_stage} must divide n_layers ({model.n_layers})"
-                )
+        if model.n_layers % pp:
+            raise ValueError(
+                f"ParallelConfig.pipeline_stage={pp} must divide the model's n_layers ({model.n_layers}); "
+                "each stage holds n_layers / pipeline_stage layers"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

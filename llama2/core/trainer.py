@@ -259,6 +259,21 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0 only); returns its dir."""
+        if self.world_size > 1 and self.out_dir is not None:  # every rank also saves its part (`llama2 merge`)
+            from llama2.core.dist_checkpoint import save_rank_checkpoint
+
+            save_rank_checkpoint(
+                self.out_dir,
+                self.step,
+                self.rank,
+                self.world_size,
+                self.runtime.config,
+                self.model_tensors(),
+                parallel=self.extra_state.get("parallel_config"),
+                optimizer_state=self.state.state_dict(),
+                tokenizer_file=self.tokenizer_file,
+                keep=self.config.keep,
+            )
         if not self.is_writer:
             return None
         return rd.save_checkpoint(
@@ -368,6 +383,7 @@ class Trainer:
             sum_nll += float(s)
             n_tok += int(n)
             n_in += int(ids.size)
+        local_tok = n_tok  # apply() takes this rank's count and sums over ranks itself
         sum_nll, n_tok_f = self._reduce([sum_nll, n_tok])
         n_tok = int(round(n_tok_f))
         n_in *= self.world_size  # every rank reads an equal share
@@ -377,7 +393,7 @@ class Trainer:
                 f"training loss is {loss} at step {step + 1} (lr {lr:.3g}); stopping before the update. "
                 "Try a lower lr, a smaller grad_clip, or check the data."
             )
-        grad_norm = float(self.state.apply(lr, max(n_tok, 1)))
+        grad_norm = float(self.state.apply(lr, local_tok if self.world_size > 1 else max(n_tok, 1)))
         self.step = step + 1
         dt = time.perf_counter() - t0
         self.elapsed += dt

@@ -268,12 +268,13 @@ class Tokenizer:
         *,
         num_threads: int | None = None,
         input_sentence_size: int = 0,
+        verbose: bool = True,
         **overrides: object,
     ) -> Tokenizer:
         """Train a BPE model with Llama 2's trainer settings; writes `<out_prefix>.model` and `.vocab`.
 
         `overrides` replace entries of `LLAMA2_TRAINER_SPEC` (e.g. `character_coverage=1.0` for a tiny corpus).
-        `input_sentence_size=0` uses every line of the corpus.
+        `input_sentence_size=0` uses every line of the corpus; `verbose=False` silences SentencePiece's log.
         """
         paths = [corpus_path] if isinstance(corpus_path, str | os.PathLike) else list(corpus_path)
         for path in paths:
@@ -291,6 +292,7 @@ class Tokenizer:
             num_threads=num_threads or os.cpu_count() or 1,
             input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True,
+            minloglevel=0 if verbose else 2,
             **spec,
         )
         model = writer.getvalue()

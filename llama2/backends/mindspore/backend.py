@@ -41,6 +41,9 @@ class MindSporeBackend(Backend):
 
         options = options or RuntimeOptions()
         compute_dtype = configure(options)
+        from llama2.backends.mindspore.parallel import init_from_env
+
+        init_from_env()  # under msrun: join the process group (data parallel); a no-op otherwise
         net = self.lower(graph)
         net.set_train(False)
         return MindSporeRuntime(graph, options, net, compute_dtype)

@@ -78,8 +78,12 @@ class MindSporeRuntime(Runtime):
             return token_nll_tensor(logits, labels)
 
         self.compiled = options.mode == "graph"
+        # mindspore.jit compiles once per input shape (and reuses it for every later call with that shape); the
+        # generation loop pads prompts and caches to multiples of this so nearby lengths share one compilation.
+        self.length_bucket = 16 if self.compiled else 1
         self._run = ms.jit(run) if self.compiled else run
         self._nll = ms.jit(nll) if self.compiled else nll
+        self._fns = (run, nll)
 
     # ---- weights -------------------------------------------------------------------------------------------
     def get_param(self, name: str) -> np.ndarray:
@@ -168,6 +172,20 @@ class MindSporeRuntime(Runtime):
         return logits.asnumpy()
 
     # ---- training ------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> None:
+        """Set the cells' training flag (adapter dropout). A compiled graph reads it as a constant, so the jitted
+        functions are rebuilt when it changes and some cell depends on it (`nn.Dropout`, or a cell with
+        `depends_on_training = True`); call before the first `accumulate` of a train state."""
+        if bool(mode) != self.training:
+            self.net.set_train(bool(mode))
+            mode_dependent = any(
+                isinstance(c, nn.Dropout) or getattr(c, "depends_on_training", False)
+                for _, c in self.net.cells_and_names()
+            )
+            if self.compiled and mode_dependent:
+                self._run, self._nll = ms.jit(self._fns[0]), ms.jit(self._fns[1])
+        super().train(mode)
+
     def train_state(self, optim: OptimConfig) -> TrainState:
         from llama2.backends.mindspore.train import MindSporeTrainState
 

@@ -101,6 +101,13 @@ class MindSporeTrainState(TrainState):
         self.grads = None
         return norm
 
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """`values` summed over the data-parallel world (so rank 0 logs the global loss); identity in one process."""
+        values = np.asarray(values)
+        if data_parallel_size() == 1:
+            return values
+        return all_reduce_sum(Tensor(values.astype(np.float32))).asnumpy().astype(values.dtype)
+
     def state_dict(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {"step": np.array(self.step, np.float32)}
         for name, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):

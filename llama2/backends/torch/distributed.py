@@ -3,8 +3,8 @@
 Data parallel (the default under `torchrun`): every rank holds the whole model; `TorchTrainState.apply` sums the
 gradients and token counts over ranks before dividing, so N ranks with disjoint data step exactly like one process
 with the global batch. FSDP (`TorchBackend.build(graph, options, fsdp=True)`) shards parameters, gradients and
-optimizer state per decoder block for models that do not fit one device; it runs with NCCL on GPUs and, in the
-torch versions this project supports, also with gloo on CPU (slow; useful for tests only).
+optimizer state per decoder block (FSDP2 `fully_shard`) for models that do not fit one device; it runs with NCCL
+on GPUs and with gloo on CPU (slow; for tests).
 """
 
 from __future__ import annotations
@@ -112,19 +112,19 @@ def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
 
 
 def fsdp_wrap(module: nn.Module, device: torch.device) -> nn.Module:
-    """Wrap `module` in FSDP, one unit per decoder block; original parameter names and objects are kept."""
+    """Shard `module` with FSDP2 (`fully_shard`), one unit per decoder block plus the root; names are kept.
+
+    Parameters become DTensor shards over the default process group (gloo on CPU, NCCL on GPU); gradients are
+    reduce-scattered as means. The module is returned (sharded in place).
+    """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("fsdp=True needs an initialized process group; call distributed.init_from_env() first")
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.distributed.fsdp import fully_shard
 
     from llama2.backends.torch.lowering import TorchBlock
 
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
-    return FSDP(
-        module,
-        auto_wrap_policy=ModuleWrapPolicy({TorchBlock}),
-        use_orig_params=True,
-        sync_module_states=True,
-        **kwargs,
-    )
+    for sub in module.modules():
+        if isinstance(sub, TorchBlock):
+            fully_shard(sub)
+    fully_shard(module)
+    return module

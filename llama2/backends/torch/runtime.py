@@ -88,24 +88,26 @@ class TorchRuntime(Runtime):
             from llama2.backends.torch.distributed import fsdp_wrap
 
             self.net = fsdp_wrap(self.module, self.device)
+            self._params = dict(self.module.named_parameters())  # FSDP2 swaps in sharded (DTensor) parameters
         elif options.mode == "graph" and self.device.type == "cuda":
             compile_blocks(self.module)
 
     # ---- weights -------------------------------------------------------------------------------------------
-    def _full_params(self) -> contextlib.AbstractContextManager:
-        if self.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            return FSDP.summon_full_params(self.net, writeback=True)
-        return contextlib.nullcontext()
-
     def get_param(self, name: str) -> np.ndarray:
-        with self._full_params():
-            return self._param(name).detach().float().cpu().numpy().copy()
+        p = self._param(name).detach()
+        if hasattr(p, "full_tensor"):  # an FSDP shard: gather the whole tensor
+            p = p.full_tensor()
+        return p.float().cpu().numpy().copy()
 
     def _set_param(self, name: str, value: np.ndarray) -> None:
-        with self._full_params(), torch.no_grad():
-            self._param(name).copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+        p = self._param(name)
+        full = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)).to(self.device)
+        with torch.no_grad():
+            if hasattr(p, "device_mesh"):  # an FSDP shard: keep this rank's part
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, p.device_mesh, p.placements)
+            p.copy_(full)
 
     def _param(self, name: str) -> torch.nn.Parameter:
         try:
@@ -195,6 +197,12 @@ class TorchRuntime(Runtime):
                 out = out[:, -1:]
             return out.float().cpu().numpy()
 
+    def describe(self) -> dict:
+        """Backend, versions and options (for `llama2 info --backend torch` and run metadata)."""
+        import attrs
+
+        return {"backend": "torch", "version": torch.__version__, **attrs.asdict(self.options), "fsdp": self.fsdp}
+
     # ---- training ------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> None:
         super().train(mode)
@@ -241,6 +249,9 @@ class TorchBackend(Backend):
         """Lower `graph` once (zero weights). `fsdp=True` shards parameters over the initialized process group."""
         options = options or RuntimeOptions()
         resolve_device(options)  # fail before allocating anything
+        from llama2.backends.torch.distributed import init_from_env
+
+        init_from_env()  # under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU)
         module = self.lower(graph)
         if not isinstance(module, TorchLlama):
             raise TypeError(f"the lowering of {type(graph).__name__} must return a TorchLlama, got {type(module)}")

@@ -41,6 +41,7 @@ class TorchTrainState(TrainState):
         fp16 = runtime.device.type == "cuda" and runtime.compute_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self._nll_sum = 0.0
+        self._n_local = 0
         self.last_step: dict[str, float] = {}
 
     def accumulate(self, ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
@@ -52,18 +53,34 @@ class TorchTrainState(TrainState):
             nll = _nll(logits, self.runtime._tensor(labels)).sum()
             (self.scaler.scale(nll) if self.scaler else nll).backward()
         value = float(nll.detach())
+        n_tokens = int((labels != IGNORE_INDEX).sum())
         self._nll_sum += value
-        return value, int((labels != IGNORE_INDEX).sum())
+        self._n_local += n_tokens
+        return value, n_tokens
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """`values` summed over the process group (the trainer logs the global loss); identity in one process."""
+        values = np.asarray(values)
+        if not D.is_distributed():
+            return values
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.runtime.device).clone()
+        D.all_reduce_sum_([t])
+        return t.cpu().numpy().astype(values.dtype)
 
     def apply(self, lr: float, n_tokens: int) -> float:
-        """Sum over ranks, grads /= global tokens, clip, AdamW step, zero grads; returns the pre-clip norm."""
+        """Sum over ranks, grads /= global tokens, clip, AdamW step, zero grads; returns the pre-clip norm.
+
+        In one process the divisor is `n_tokens`; under a process group it is the scored tokens accumulated on all
+        ranks since the last step."""
         device = self.runtime.device
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         totals = torch.tensor([float(n_tokens), self._nll_sum], dtype=torch.float64, device=device)
-        self._nll_sum = 0.0
         if D.is_distributed():
+            # The divisor is the global count: this rank's accumulated tokens summed over ranks (so a caller that
+            # already passes the global count, like the trainer after all_reduce_sum, is not counted twice).
+            totals[0] = float(self._n_local)
             if self.runtime.fsdp:  # FSDP reduce-scatters the mean; undo the 1/world to get the sum
                 for p in self.params:
                     p.grad.mul_(D.world_size())
@@ -71,6 +88,7 @@ class TorchTrainState(TrainState):
                 D.all_reduce_sum_([p.grad for p in self.params])
             D.all_reduce_sum_([totals])
         n, nll = float(totals[0]), float(totals[1])
+        self._nll_sum, self._n_local = 0.0, 0
         if n <= 0:
             self.optimizer.zero_grad(set_to_none=True)
             raise ValueError("apply(): the step scored 0 tokens (every label is IGNORE_INDEX); nothing to average")
@@ -79,10 +97,9 @@ class TorchTrainState(TrainState):
         for p in self.params:
             p.grad.div_(n)
         max_norm = self.optim.grad_clip if self.optim.grad_clip is not None else math.inf
-        if self.runtime.fsdp:
-            norm = self.runtime.net.clip_grad_norm_(max_norm)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # DTensor-aware under FSDP
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler is not None:

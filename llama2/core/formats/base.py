@@ -22,6 +22,7 @@ __all__ = [
     "FormatError",
     "canonical_shapes",
     "checked_tensors",
+    "expect_shape",
     "to_interleaved",
     "to_rotate_half",
     "bf16_to_f32",
@@ -101,6 +102,7 @@ def checked_tensors(
             raise FormatError(f"tensor {name!r} for {dest} has dtype {value.dtype}; expected a float array")
         seen.add(name)
         yield name, value
+        del value  # hold one tensor at a time
     missing = [n for n in shapes if n not in seen]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -135,10 +137,12 @@ class Checkpoint(abc.ABC):
                 raise FormatError(f"unknown tensor {name!r} in {source}: not a parameter of this config")
             if tuple(value.shape) != shapes[name]:
                 raise FormatError(
-                    f"tensor {name!r} in {source} has shape {tuple(value.shape)}, expected {shapes[name]} from the config"
+                    f"tensor {name!r} in {source} has shape {tuple(value.shape)}, "
+                    f"expected {shapes[name]} from the config"
                 )
             seen.add(name)
             yield name, value
+            del value  # hold one tensor at a time
         missing = [n for n in shapes if n not in seen]
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -149,6 +153,7 @@ class Checkpoint(abc.ABC):
 
     def close(self) -> None:
         """Release open files (the default reader keeps none)."""
+        return None
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -158,6 +163,16 @@ class Checkpoint(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.format} {self.path}>"
+
+
+def expect_shape(actual: Iterable[int], shape: Iterable[int], native: str, canonical: str, source: str) -> None:
+    """Raise a FormatError naming the tensor and file when a stored tensor (before any layout permutation) has
+    shape `actual` instead of `shape`."""
+    if tuple(actual) != tuple(shape):
+        raise FormatError(
+            f"tensor {native!r} ({canonical}) in {source} has shape {tuple(actual)}, expected {tuple(shape)} "
+            "from the config"
+        )
 
 
 # ---- RoPE layouts ---------------------------------------------------------------------------------------------

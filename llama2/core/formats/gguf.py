@@ -16,7 +16,16 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from llama2.core.config import ModelConfig
-from llama2.core.formats.base import Checkpoint, FormatError, bf16_to_f32, name_table, read_exact, to_rotate_half
+from llama2.core.formats.base import (
+    Checkpoint,
+    FormatError,
+    bf16_to_f32,
+    canonical_shapes,
+    expect_shape,
+    name_table,
+    read_exact,
+    to_rotate_half,
+)
 
 __all__ = ["GGUFCheckpoint", "read_gguf", "GGML_TYPES"]
 
@@ -139,10 +148,12 @@ class GGUFCheckpoint(Checkpoint):
                 raise FormatError(f"unknown tensor {name!r} in {self.path}: not a Llama parameter of this config")
         size = self.path.stat().st_size
         c = self.config
+        shapes = canonical_shapes(c)
         for name, gname in table.items():
             if gname not in self.infos:
                 raise FormatError(f"tensor {gname!r} ({name}) is missing from {self.path}")
             shape, ggml_type, offset = self.infos[gname]
+            expect_shape(shape, shapes[name], gname, name, str(self.path))
             if ggml_type not in _FLOAT:
                 tname = GGML_TYPES.get(ggml_type, f"type {ggml_type}")
                 raise FormatError(
@@ -164,6 +175,7 @@ class GGUFCheckpoint(Checkpoint):
             elif name.endswith("k_proj.weight"):
                 arr = to_rotate_half(arr, c.n_kv_heads)
             yield name, arr, str(self.path)
+            del arr
 
 
 def open_ckpt(path: Path, config: ModelConfig | None = None) -> GGUFCheckpoint:

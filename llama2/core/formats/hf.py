@@ -256,11 +256,14 @@ def save_hf(
                 fh.truncate(start + (entries[-1][4] if entries else 0))
         handles = [open(f, "r+b") for f in files]
         try:
-            for name, value in _chain(first, stream):
+            head = [first]
+            del first
+            for name, value in _chain(head, stream):
                 i, b = place[name]
                 data = cast(np.asarray(value, dtype=np.float32) if dtype == "bfloat16" else value, dtype)
                 handles[i].seek(starts[i] + b)
                 handles[i].write(memoryview(np.ascontiguousarray(data)).cast("B"))
+                del value, data  # hold one tensor at a time
         finally:
             for h in handles:
                 h.close()
@@ -278,8 +281,10 @@ def save_hf(
     return path
 
 
-def _chain(first: tuple[str, np.ndarray], rest: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
-    yield first
+def _chain(
+    head: list[tuple[str, np.ndarray]], rest: Iterator[tuple[str, np.ndarray]]
+) -> Iterator[tuple[str, np.ndarray]]:
+    yield head.pop()  # popped, so the list does not keep the first tensor alive
     yield from rest
 
 

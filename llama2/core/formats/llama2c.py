@@ -134,17 +134,16 @@ class Llama2cCheckpoint(Checkpoint):
             cut = [n for n in order if self.offsets[n] + 4 * int(np.prod(shapes[n])) > actual]
             hint = f"; tensor {cut[0]!r} is the first one cut off" if cut else ""
             raise FormatError(f"{self.path} has {actual} bytes but its header implies {self.size}{hint}")
-        mm = np.memmap(self.path, dtype=np.float32, mode="r")
         c = self.config
-        for name, shape in shapes.items():
-            start = self.offsets[name] // 4
-            arr = np.array(mm[start : start + int(np.prod(shape))]).reshape(shape)
+        for name, shape in shapes.items():  # np.fromfile: no mapping, so only this tensor is resident
+            arr = np.fromfile(self.path, dtype="<f4", count=int(np.prod(shape)), offset=self.offsets[name])
+            arr = arr.astype(np.float32, copy=False).reshape(shape)
             if name.endswith("q_proj.weight"):
                 arr = to_rotate_half(arr, c.n_heads)
             elif name.endswith("k_proj.weight"):
                 arr = to_rotate_half(arr, c.n_kv_heads)
             yield name, arr, str(self.path)
-        del mm
+            del arr
 
 
 def save_llama2c(
@@ -179,7 +178,8 @@ def save_llama2c(
                 elif name.endswith("k_proj.weight"):
                     arr = to_interleaved(arr, c.n_kv_heads)
                 f.seek(offsets[name])
-                f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+                f.write(memoryview(np.ascontiguousarray(arr, dtype="<f4")).cast("B"))
+                del value, arr  # hold one tensor at a time
     return path
 
 

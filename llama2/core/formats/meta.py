@@ -28,6 +28,7 @@ from llama2.core.formats.base import (
     canonical_shapes,
     checked_tensors,
     copy_tokenizer,
+    expect_shape,
     name_table,
     to_interleaved,
     to_rotate_half,
@@ -162,20 +163,28 @@ class MetaCheckpoint(Checkpoint):
                 if key not in known:
                     raise FormatError(f"unknown tensor {key!r} in {f}: not a Llama parameter of this config")
         c = self.config
+        shapes = canonical_shapes(c)
+        mp = len(self.files)
         for name, meta in table.items():
             parts = []
+            dim = split_dim(meta)
             for f, state in zip(self.files, states):
                 if meta not in state:
                     raise FormatError(f"tensor {meta!r} ({name}) is missing from {f}")
+                want = list(shapes[name])
+                if dim is not None:
+                    want[dim] //= mp
+                expect_shape(state[meta].shape, want, meta, name, str(f))
                 parts.append(state[meta])
-            dim = split_dim(meta)
             t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
             arr = t.float().numpy() if t.dtype in (torch.bfloat16, torch.float64) else t.numpy()
+            del t, parts
             if name.endswith("q_proj.weight"):
                 arr = to_rotate_half(arr, c.n_heads)
             elif name.endswith("k_proj.weight"):
                 arr = to_rotate_half(arr, c.n_kv_heads)
             yield name, arr, str(self.files[0] if dim is None else self.path / "consolidated.*.pth")
+            del arr
 
     def close(self) -> None:
         self._states = None
@@ -283,14 +292,15 @@ def save_meta(
                 arr = to_interleaved(arr, c.n_heads)
             elif name.endswith("k_proj.weight"):
                 arr = to_interleaved(arr, c.n_kv_heads)
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-            if torch_dtype[dtype] is not None:
-                t = t.to(torch_dtype[dtype])
             meta = table[name]
             dim = split_dim(meta)
-            pieces = [t] * mp if dim is None else list(torch.chunk(t, mp, dim=dim))
-            for w, piece in zip(writers, pieces):
+            for r, w in enumerate(writers):  # one rank's slice at a time: at most one extra slice in memory
+                piece = torch.from_numpy(np.ascontiguousarray(arr if dim is None else np.split(arr, mp, axis=dim)[r]))
+                if torch_dtype[dtype] is not None:
+                    piece = piece.to(torch_dtype[dtype])
                 w.add(meta, piece)
+                del piece
+            del value, arr  # hold one tensor at a time
         for w in writers:
             w.finish()
         del writers

@@ -31,9 +31,11 @@ from llama2.core.formats.base import (
     atomic_dir,
     atomic_file,
     bf16_to_f32,
+    canonical_shapes,
     cast,
     checked_tensors,
     copy_tokenizer,
+    expect_shape,
     name_table,
 )
 
@@ -91,6 +93,19 @@ class _Entry:
         self.tag, self.dims, self.dtype, self.chunks = tag, dims, dtype, []
 
 
+def _peek_tag(f: BinaryIO, size: int) -> str | None:
+    """The tag of the entry whose value starts at the current position, if it can be read."""
+    try:
+        if f.read(1) != b"\x0a":
+            return None
+        n = _read_varint(f, "", "a tag")
+        if f.tell() + n > size:
+            return None
+        return f.read(n).decode()
+    except (FormatError, UnicodeDecodeError):
+        return None
+
+
 def index_ckpt(file: Path) -> dict[str, _Entry]:
     """tag -> entry (dims, dtype, content byte ranges) without reading tensor data."""
     size = file.stat().st_size
@@ -108,7 +123,9 @@ def index_ckpt(file: Path) -> dict[str, _Entry]:
             vlen = _read_varint(f, src, "an entry length")
             vend = f.tell() + vlen
             if vend > size:
-                raise FormatError(f"{file} is truncated: the entry at offset {start} ends past the end of the file")
+                tag = _peek_tag(f, size)
+                what = f"tensor {tag!r}" if tag else f"the entry at offset {start}"
+                raise FormatError(f"{file} is truncated: {what} ends at byte {vend}, past the end of the file ({size})")
             tag, dims, dtype, chunk = "", [], "", None
             while f.tell() < vend:
                 k = _read_varint(f, src, "a field key")
@@ -146,24 +163,33 @@ def index_ckpt(file: Path) -> dict[str, _Entry]:
 
 
 def _read_entry(file: Path, entry: _Entry) -> Any:
-    with open(file, "rb") as f:
-        parts = []
-        for off, n in entry.chunks:
-            f.seek(off)
-            parts.append(f.read(n))
-    raw = b"".join(parts) if len(parts) > 1 else parts[0]
+    """One entry's value; tensor slices are read straight into a single array (no intermediate copies)."""
+    n_bytes = sum(n for _, n in entry.chunks)
     if entry.dtype == "str":
+        with open(file, "rb") as f:
+            raw = b""
+            for off, n in entry.chunks:
+                f.seek(off)
+                raw += f.read(n)
         return raw.decode("utf-32-le")
     if entry.dtype not in _NP:
         raise FormatError(f"tensor {entry.tag!r} in {file} has dtype {entry.dtype}; expected a float type")
     dtype = np.dtype(_NP[entry.dtype])
     expected = int(np.prod(entry.dims)) * dtype.itemsize
-    if len(raw) != expected:
-        raise FormatError(f"tensor {entry.tag!r} in {file} has {len(raw)} bytes, expected {expected} for {entry.dims}")
-    arr = np.frombuffer(raw, dtype=dtype).reshape(entry.dims)
+    if n_bytes != expected:
+        raise FormatError(f"tensor {entry.tag!r} in {file} has {n_bytes} bytes, expected {expected} for {entry.dims}")
+    arr = np.empty(entry.dims, dtype=dtype)
+    view = memoryview(arr.reshape(-1)).cast("B")
+    pos = 0
+    with open(file, "rb") as f:
+        for off, n in entry.chunks:
+            f.seek(off)
+            if f.readinto(view[pos : pos + n]) != n:
+                raise FormatError(f"{file} is truncated inside tensor {entry.tag!r}")
+            pos += n
     if entry.dtype == "BFloat16":
         return bf16_to_f32(arr)
-    return arr.astype(np.float32) if entry.dtype == "Float64" else arr.copy()
+    return arr.astype(np.float32) if entry.dtype == "Float64" else arr
 
 
 def _infer_config(entries: dict[str, _Entry], file: Path) -> ModelConfig:
@@ -219,10 +245,12 @@ class MindSporeCheckpoint(Checkpoint):
             if (tag.startswith("model.") or tag == "lm_head.weight") and tag not in native:
                 if not (tag == "lm_head.weight" and self.config.tie_embeddings):
                     raise FormatError(f"unknown tensor {tag!r} in {self.file}: not a Llama parameter of this config")
+        shapes = canonical_shapes(self.config)
         for name, tag in table.items():
             entry = self.entries.get(tag)
             if entry is None:
                 raise FormatError(f"tensor {tag!r} ({name}) is missing from {self.file}")
+            expect_shape(entry.dims, shapes[name], tag, name, str(self.file))
             yield name, _read_entry(self.file, entry), str(self.file)
 
 
@@ -252,6 +280,7 @@ def _write_ckpt(file: Path, config: ModelConfig, tensors: Iterable[tuple[str, np
             data = cast(np.asarray(value, dtype=np.float32) if want == "bfloat16" else value, want)
             data = np.ascontiguousarray(data)
             _write_entry(f, table[name], list(data.shape), _TYPE_NAME[want], memoryview(data).cast("B"))
+            del value, data  # hold one tensor at a time
         cfg = json.dumps(config.to_hf()).encode("utf-32-le")
         _write_entry(f, CONFIG_KEY, [0], "str", memoryview(cfg))
 

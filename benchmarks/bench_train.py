@@ -1,0 +1,110 @@
+"""Training throughput (forward + backward + AdamW) on the `small` preset: llama2 backends against HF transformers.
+
+    python benchmarks/bench_train.py [--preset small] [--batch 4] [--seq 256] [--steps 5]
+
+Each configuration runs in its own process (so peak RSS is its own): MindSpore PyNative and graph (jit) mode,
+llama2's torch backend (eager), and HF `LlamaForCausalLM` + `torch.optim.AdamW` on the same CPU. Prints a table of
+tokens/s (median step time after one warm-up step), the ratio to HF, and peak RSS. Not a test: numbers depend on
+the machine and on its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = [("mindspore", "eager"), ("mindspore", "graph"), ("torch", "eager"), ("hf", "eager")]
+
+
+def _one(backend: str, mode: str, preset: str, batch: int, seq: int, steps: int) -> dict:
+    import numpy as np
+
+    from llama2.core.config import ModelConfig
+
+    cfg = ModelConfig.from_preset(preset, max_seq_len=max(seq, 256))
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(3, cfg.vocab_size, size=(batch, seq + 1)) for _ in range(steps + 1)]
+    times = []
+    if backend == "hf":
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+        model = transformers.LlamaForCausalLM(hf_cfg).float().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        for b in batches:
+            t = time.perf_counter()
+            ids = torch.from_numpy(b)
+            loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1].clone()).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t)
+    else:
+        from llama2.core.backend import OptimConfig
+        from llama2.core.model import build_runtime
+
+        rt = build_runtime(cfg, backend, mode=mode)
+        rt.init_weights(0)
+        state = rt.train_state(OptimConfig())
+        for b in batches:
+            t = time.perf_counter()
+            _, n = state.accumulate(b[:, :-1].astype(np.int32), b[:, 1:].astype(np.int32))
+            state.apply(1e-4, n)
+            times.append(time.perf_counter() - t)
+    step = statistics.median(times[1:])
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"tokens_per_s": batch * seq / step, "step_s": step, "first_step_s": times[0], "rss_mb": rss_mb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = ap.parse_args()
+    if args.case:
+        backend, mode = args.case.split(":")
+        print(json.dumps(_one(backend, mode, args.preset, args.batch, args.seq, args.steps)))
+        return
+    rows = {}
+    for backend, mode in CASES:
+        cmd = [sys.executable, __file__, "--case", f"{backend}:{mode}", "--preset", args.preset]
+        cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"{backend}/{mode} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            continue
+        rows[(backend, mode)] = json.loads(res.stdout.strip().splitlines()[-1])
+    hf = rows.get(("hf", "eager"), {}).get("tokens_per_s")
+    print(
+        f"\ntrain step (fwd+bwd+AdamW), preset {args.preset}, batch {args.batch} x seq {args.seq}, {args.steps} steps"
+    )
+    head = ("configuration".ljust(26), "tokens/s".rjust(9), "step s".rjust(7), "1st step s", "vs HF".rjust(6))
+    print("| " + " | ".join(head) + " | peak RSS MB |")
+    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 9}|{'-' * 12}|{'-' * 8}|{'-' * 13}|")
+    names = {
+        "mindspore:eager": "llama2 MindSpore PyNative",
+        "mindspore:graph": "llama2 MindSpore graph",
+        "torch:eager": "llama2 torch (eager)",
+        "hf:eager": "HF LlamaForCausalLM+AdamW",
+    }
+    for (backend, mode), r in rows.items():
+        ratio = f"{r['tokens_per_s'] / hf:.2f}" if hf else "-"
+        print(
+            f"| {names[f'{backend}:{mode}']:<26} | {r['tokens_per_s']:>9.0f} | {r['step_s']:>7.3f} | "
+            f"{r['first_step_s']:>10.2f} | {ratio:>6} | {r['rss_mb']:>11.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

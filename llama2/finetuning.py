@@ -1,0 +1,319 @@
+"""`finetune(...)`: supervised finetuning of a Llama 2 model: full, LoRA, prefix tuning or a plugin adapter.
+
+The data is SFT samples (input_ids + labels with -100 on every prompt token, see `llama2.data.sft`): a records
+file written by `llama2 prepare sft` (.mindrecord / .npz), or a conversation / Alpaca JSON file tokenized on the
+fly with the model's tokenizer. Training reuses the pretraining `Trainer` (token-weighted loss over the supervised
+tokens, AdamW, warmup + cosine, metrics.jsonl, atomic checkpoints, exact resume).
+
+Methods: "full" trains every weight in place. Any other name is looked up in the adapter registry
+(`llama2.core.registry.ADAPTERS`: "lora", "prefix", plugins from the `llama2.adapters` entry point group): the
+model's graph is rewritten by the adapter, the base weights are copied over unchanged, only the adapter's
+parameters train, and only they are saved (checkpoints and OUT_DIR/adapter/).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llama2.core import run_dir as rd
+from llama2.core.train_config import TrainConfig
+from llama2.core.trainer import TrainData, Trainer, detect_rank_world
+
+if TYPE_CHECKING:
+    from llama2.core.model import Model
+
+__all__ = ["finetune", "load_sft_data", "resolve_method", "ADAPTER_DIR", "DEFAULT_LR"]
+
+ADAPTER_DIR = "adapter"
+DEFAULT_LR = {"full": 1e-5}  # adapters default to 1e-4 unless their entry says otherwise (`default_lr`)
+_JSON_SUFFIXES = (".json", ".jsonl")
+
+
+def resolve_method(method: str) -> Any:
+    """None for "full", else the registered adapter entry; a ValueError lists every known method."""
+    from llama2.core.registry import ADAPTERS
+
+    if method == "full":
+        return None
+    if not isinstance(method, str) or method not in ADAPTERS:
+        known = ", ".join(["full", *ADAPTERS.names()])
+        raise ValueError(f"unknown finetuning method {method!r}; known methods: {known}")
+    return ADAPTERS.get(method)
+
+
+def load_sft_data(
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    seq_length: int | None = None,
+    template: str | None = None,
+    overflow: str = "truncate",
+    log: Callable[[str], None] | None = None,
+) -> TrainData:
+    """SFT training samples from a records file (.mindrecord/.npz/.npy), a conversation or Alpaca JSON file
+    (tokenized with `tokenizer` into samples of seq_length + 1 tokens), a dict of arrays, or a TrainData."""
+    if isinstance(data, str | Path) and str(data).lower().endswith(_JSON_SUFFIXES):
+        from llama2.data.sft import DEFAULT_TEMPLATE, build_sft_samples, load_conversations
+
+        if tokenizer is None:
+            raise ValueError(f"{data}: tokenizing a JSON file needs a tokenizer (the model has none; pass tokenizer=)")
+        if seq_length is None:
+            raise ValueError(f"{data}: tokenizing a JSON file needs seq_length= (tokens per sample)")
+        records, problems = load_conversations(data)
+        columns, report = build_sft_samples(
+            records, tokenizer, seq_length, overflow=overflow, template=template or DEFAULT_TEMPLATE
+        )
+        skipped = len(problems) + len(report.skipped)
+        if log is not None:
+            log(f"{data}: {report.summary()}" + (f"; {len(problems)} malformed record(s) skipped" if problems else ""))
+            for p in (problems + report.skipped)[:5]:
+                log(f"  skipped record {p['index']}: {p['reason']}")
+        if report.samples == 0:
+            raise ValueError(f"{data}: no usable SFT sample ({skipped} record(s) skipped)")
+        return TrainData.from_any(columns, source=str(data))
+    from llama2.pretraining import load_training_data
+
+    td = load_training_data(data, seq_length)
+    if td.labels is None:
+        raise ValueError(
+            f"{data if isinstance(data, str | Path) else 'data'}: no 'labels' column; SFT data needs labels with "
+            "-100 on prompt tokens (write it with `llama2 prepare sft`)"
+        )
+    return td
+
+
+def _steps(steps: int | None, epochs: float | None, n_samples: int, batch_size: int) -> int:
+    if steps is not None and epochs is not None:
+        raise ValueError("give steps or epochs, not both")
+    if steps is not None:
+        return int(steps)
+    per_epoch = n_samples // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"the data has {n_samples} sample(s), fewer than batch_size {batch_size}")
+    return max(1, math.ceil((1.0 if epochs is None else float(epochs)) * per_epoch))
+
+
+def _load_model(model: Any, tokenizer: Any, backend: str, options: dict[str, Any]) -> Model:
+    from llama2.core.model import Model
+
+    if isinstance(tokenizer, str | Path):
+        from llama2.data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(tokenizer)
+    if isinstance(model, Model):
+        if tokenizer is not None:
+            if tokenizer.vocab_size > model.config.vocab_size:
+                raise ValueError(
+                    f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+                    f"{model.config.vocab_size}; they must match"
+                )
+            model.tokenizer = tokenizer
+        return model
+    from llama2.api import load
+
+    return load(model, backend=backend, tokenizer=tokenizer, **options)
+
+
+def finetune(
+    model: Model | str | Path,
+    data: Any,
+    *,
+    method: str = "full",
+    out_dir: str | Path,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 8,
+    micro_batch_size: int | None = None,
+    seq_length: int | None = None,
+    lr: float | None = None,
+    min_lr: float | None = None,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    seed: int = 0,
+    save_every: int = 0,
+    keep: int = 3,
+    log_every: int = 1,
+    resume: bool = False,
+    backend: str = "mindspore",
+    mode: str = "graph",
+    device: str = "cpu",
+    dtype: str = "float32",
+    tokenizer: Any = None,
+    template: str | None = None,
+    overflow: str = "truncate",
+    adapter_config: Any = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+    **adapter_options: Any,
+) -> Model:
+    """Finetune `model` (a Model, or a checkpoint path loaded with `llama2.load`) on SFT `data`; returns it.
+
+    method: "full", "lora", "prefix" or a plugin adapter's name; `adapter_options` (e.g. rank=8, alpha=16,
+    targets=[...], n_virtual=16) or `adapter_config` configure the adapter. steps or epochs (default 1 epoch)
+    set the length; lr defaults to 1e-5 for full finetuning and 1e-4 for adapters. data: see `load_sft_data`
+    (JSON data is tokenized with the model's tokenizer into seq_length + 1 token samples).
+
+    out_dir gets metrics.jsonl and checkpoints/step_N (full: the whole model, loadable with `llama2.load(out_dir)`;
+    adapters: only the adapter's tensors, plus OUT_DIR/adapter/ written at the end, loadable onto the base model
+    with `llama2.peft.load_adapter`). A given Model is updated in place (full: its weights; adapters: its runtime
+    is rebuilt with the adapter attached) and returned. `resume=True` continues the run in out_dir.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if out_dir is None:
+        raise ValueError("finetune needs out_dir= (checkpoints and metrics.jsonl go there)")
+    out_dir = Path(out_dir)
+    entry = resolve_method(method)
+    if entry is None and (adapter_options or adapter_config is not None):
+        raise TypeError(f"method 'full' takes no adapter options; got {sorted(adapter_options) or 'adapter_config'}")
+    if rd.list_checkpoints(out_dir) and not resume:
+        raise ValueError(
+            f"{out_dir} already holds checkpoints of an earlier run; pass resume=True (--resume) to continue it, "
+            "or use a new out_dir"
+        )
+    options = {"mode": mode, "device": device, "dtype": dtype}
+    base = _load_model(model, tokenizer, backend, options)
+    dataset = load_sft_data(
+        data, tokenizer=base.tokenizer, seq_length=seq_length, template=template, overflow=overflow, log=log
+    )
+    if lr is None:
+        lr = DEFAULT_LR.get(method, getattr(entry, "default_lr", 1e-4))
+    train = TrainConfig(
+        steps=_steps(steps, epochs, dataset.n_samples, batch_size),
+        batch_size=batch_size,
+        micro_batch_size=micro_batch_size,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=warmup_steps,
+        schedule=schedule,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        betas=betas,
+        eps=eps,
+        seed=seed,
+        save_every=save_every,
+        keep=keep,
+        log_every=log_every,
+    )
+
+    if entry is None:
+        tuned, adapter = base, None
+        tuned.runtime.set_trainable(lambda name: True)
+    elif resume and rd.list_checkpoints(out_dir) and method in _attached(base):
+        tuned, adapter = base, _Adapter(base, method)  # resuming in the same process: already attached
+    else:
+        from llama2.peft import attach_adapter
+
+        tuned = attach_adapter(base, method, adapter_config, seed=seed, **adapter_options)
+        adapter = _Adapter(tuned, method)
+
+    rank, world = detect_rank_world()
+    tok_file = getattr(tuned.tokenizer, "path", None)
+    trainer_kwargs: dict[str, Any] = {}
+    if adapter is not None:
+        trainer_kwargs["model_tensors"] = adapter.tensors
+        trainer_kwargs["on_save"] = adapter.save
+    trainer = _FinetuneTrainer(
+        tuned.runtime,
+        train,
+        dataset,
+        out_dir,
+        rank=rank,
+        world_size=world,
+        tokenizer_file=tok_file,
+        progress=progress,
+        log=log,
+        extra_state={"finetune": {"method": method, "adapter": None if adapter is None else adapter.describe()}},
+        partial_names=None if adapter is None else adapter.names,
+        **trainer_kwargs,
+    )
+    if resume:
+        trainer.resume()
+    if rank == 0:
+        rt = tuned.runtime
+        log(
+            f"finetuning ({method}) {rt.num_parameters(trainable_only=True):,} of {rt.num_parameters():,} "
+            f"parameters on {dataset.n_samples} samples x {dataset.seq_length} tokens: steps {trainer.step}->"
+            f"{train.steps}, batch {train.batch_size}, lr {train.lr:g}, out {out_dir}"
+        )
+    trainer.fit(stop_after=stop_after)
+    if stop_after is not None and trainer.step < train.steps:
+        trainer.save()
+    if adapter is not None and rank == 0:
+        adapter.save(out_dir / ADAPTER_DIR)
+    return tuned
+
+
+class _FinetuneTrainer(Trainer):
+    """The Trainer, resuming adapter runs from checkpoints that hold only the adapter's tensors."""
+
+    def __init__(self, *args: Any, partial_names: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.partial_names = partial_names
+
+    def _load(self, path: Path) -> None:
+        if self.partial_names is None:
+            return super()._load(path)
+        rt = self.runtime
+        full_load = rt.load_state
+        wanted = set(self.partial_names)
+
+        def load_adapter_only(items: Any, *, strict: bool = True, source: str = "") -> None:
+            items = list(items)
+            given = {n for n, _ in items}
+            if given != wanted:
+                missing, extra = sorted(wanted - given), sorted(given - wanted)
+                raise rd.CheckpointError(
+                    f"{source}: holds adapter tensors {sorted(given)[:3]}..., expected exactly the adapter's "
+                    f"(missing {missing[:3]}, unexpected {extra[:3]})"
+                )
+            full_load(items, strict=False, source=source)
+
+        rt.load_state = load_adapter_only  # type: ignore[method-assign]
+        try:
+            super()._load(path)
+        finally:
+            del rt.load_state
+
+
+def _attached(model: Model) -> dict[str, Any]:
+    from llama2.peft import attached_adapters
+
+    return attached_adapters(model.runtime)
+
+
+class _Adapter:
+    """The adapter being trained: its parameter names, its tensors (for checkpoints) and its files."""
+
+    def __init__(self, model: Model, method: str) -> None:
+        from llama2.peft import adapter_params
+
+        self.model = model
+        self.method = method
+        self.names = adapter_params(model, method)
+        trainable = set(self.names)
+        model.runtime.set_trainable(trainable.__contains__)
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        rt = self.model.runtime
+        for name in self.names:
+            yield name, rt.get_param(name)
+
+    def save(self, directory: Path) -> None:
+        from llama2.peft import save_adapter
+
+        save_adapter(self.model, directory)
+
+    def describe(self) -> dict[str, Any]:
+        cfg = _attached(self.model)[self.method]
+        return {"method": self.method, "config": cfg.to_dict()}
