@@ -1,11 +1,13 @@
 """Training throughput (forward + backward + AdamW) on the `small` preset: llama2 backends against HF transformers.
 
-    python benchmarks/bench_train.py [--preset small] [--batch 4] [--seq 256] [--steps 5]
+    python benchmarks/bench_train.py [--preset small] [--batch 4] [--seq 256] [--steps 5] [--repeat 2]
 
 Each configuration runs in its own process (so peak RSS is its own): MindSpore PyNative and graph (jit) mode,
-llama2's torch backend (eager), and HF `LlamaForCausalLM` + `torch.optim.AdamW` on the same CPU. Prints a table of
-tokens/s (median step time after one warm-up step), the ratio to HF, and peak RSS. Not a test: numbers depend on
-the machine and on its load.
+llama2's torch backend (eager), and HF `LlamaForCausalLM` + `torch.optim.AdamW` on the same CPU. The four cases run
+round-robin `--repeat` times, so that a change in the machine's load hits all of them alike. Prints a table of
+tokens/s from the fastest step after the warm-up step (the least disturbed by other processes) and from the median
+step, the ratio of the fastest to HF's, the first (compiling) step and peak RSS. Not a test: numbers depend on the
+machine and on its load.
 """
 
 from __future__ import annotations
@@ -59,9 +61,8 @@ def _one(backend: str, mode: str, preset: str, batch: int, seq: int, steps: int)
             _, n = state.accumulate(b[:, :-1].astype(np.int32), b[:, 1:].astype(np.int32))
             state.apply(1e-4, n)
             times.append(time.perf_counter() - t)
-    step = statistics.median(times[1:])
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tokens_per_s": batch * seq / step, "step_s": step, "first_step_s": times[0], "rss_mb": rss_mb}
+    return {"times": times, "rss_mb": rss_mb}
 
 
 def main() -> None:
@@ -70,28 +71,41 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds over all cases (best and median over all)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = ap.parse_args()
     if args.case:
         backend, mode = args.case.split(":")
         print(json.dumps(_one(backend, mode, args.preset, args.batch, args.seq, args.steps)))
         return
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeat):
+        for backend, mode in CASES:
+            cmd = [sys.executable, __file__, "--case", f"{backend}:{mode}", "--preset", args.preset]
+            cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{backend}/{mode} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            runs.setdefault((backend, mode), []).append(json.loads(res.stdout.strip().splitlines()[-1]))
+    tokens = args.batch * args.seq
     rows = {}
-    for backend, mode in CASES:
-        cmd = [sys.executable, __file__, "--case", f"{backend}:{mode}", "--preset", args.preset]
-        cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"{backend}/{mode} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-            continue
-        rows[(backend, mode)] = json.loads(res.stdout.strip().splitlines()[-1])
-    hf = rows.get(("hf", "eager"), {}).get("tokens_per_s")
+    for key, rs in runs.items():
+        steps = [t for r in rs for t in r["times"][1:]]
+        rows[key] = {
+            "best": tokens / min(steps),
+            "median": tokens / statistics.median(steps),
+            "first": statistics.median(r["times"][0] for r in rs),
+            "rss_mb": max(r["rss_mb"] for r in rs),
+        }
+    hf = rows.get(("hf", "eager"), {}).get("best")
     print(
-        f"\ntrain step (fwd+bwd+AdamW), preset {args.preset}, batch {args.batch} x seq {args.seq}, {args.steps} steps"
+        f"\ntrain step (fwd+bwd+AdamW), preset {args.preset}, batch {args.batch} x seq {args.seq}, "
+        f"{args.steps} steps x {args.repeat} round(s)"
     )
-    head = ("configuration".ljust(26), "tokens/s".rjust(9), "step s".rjust(7), "1st step s", "vs HF".rjust(6))
+    head = ("configuration".ljust(26), "tokens/s best", "tokens/s median", "vs HF (best)", "1st step s")
     print("| " + " | ".join(head) + " | peak RSS MB |")
-    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 9}|{'-' * 12}|{'-' * 8}|{'-' * 13}|")
+    print("|" + "|".join("-" * (len(h) + 2) for h in head) + "|-------------|")
     names = {
         "mindspore:eager": "llama2 MindSpore PyNative",
         "mindspore:graph": "llama2 MindSpore graph",
@@ -99,10 +113,10 @@ def main() -> None:
         "hf:eager": "HF LlamaForCausalLM+AdamW",
     }
     for (backend, mode), r in rows.items():
-        ratio = f"{r['tokens_per_s'] / hf:.2f}" if hf else "-"
+        ratio = f"{r['best'] / hf:.2f}" if hf else "-"
         print(
-            f"| {names[f'{backend}:{mode}']:<26} | {r['tokens_per_s']:>9.0f} | {r['step_s']:>7.3f} | "
-            f"{r['first_step_s']:>10.2f} | {ratio:>6} | {r['rss_mb']:>11.0f} |"
+            f"| {names[f'{backend}:{mode}']:<26} | {r['best']:>13.0f} | {r['median']:>15.0f} | {ratio:>12} | "
+            f"{r['first']:>10.2f} | {r['rss_mb']:>11.0f} |"
         )
 
 

@@ -1,7 +1,7 @@
 """`finetune(...)`: supervised finetuning of a Llama 2 model: full, LoRA, prefix tuning or a plugin adapter.
 
 The data is SFT samples (input_ids + labels with -100 on every prompt token, see `llama2.data.sft`): a records
-file written by `llama2 prepare sft` (.mindrecord / .npz), or a conversation / Alpaca JSON file tokenized on the
+file written by `llama2 prepare sft` (.mindrecord / .npy / .npz), or a conversation / Alpaca JSON file tokenized on the
 fly with the model's tokenizer. Training reuses the pretraining `Trainer` (token-weighted loss over the supervised
 tokens, AdamW, warmup + cosine, metrics.jsonl, atomic checkpoints, exact resume).
 
@@ -77,9 +77,16 @@ def load_sft_data(
         if report.samples == 0:
             raise ValueError(f"{data}: no usable SFT sample ({skipped} record(s) skipped)")
         return TrainData.from_any(columns, source=str(data))
-    from llama2.pretraining import load_training_data
+    if isinstance(data, str | Path):
+        from llama2.data.sft import read_sft
 
-    td = load_training_data(data, seq_length)
+        if not Path(data).exists():
+            raise FileNotFoundError(f"SFT data {data} not found")
+        td = TrainData.from_any(read_sft(data), seq_length, source=str(data))
+    else:
+        from llama2.pretraining import load_training_data
+
+        td = load_training_data(data, seq_length)
     if td.labels is None:
         raise ValueError(
             f"{data if isinstance(data, str | Path) else 'data'}: no 'labels' column; SFT data needs labels with "

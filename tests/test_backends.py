@@ -214,3 +214,146 @@ def test_one_adamw_step_same_on_both_backends():
     for k in w_ms:
         assert np.abs(w_ms[k] - w_t[k]).max() <= 1e-4, k
     assert np.abs(f_ms - f_t).max() <= 1e-4
+
+
+# ---- weight files -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_load_sharded_safetensors_and_pytorch_bin(tmp_path, hf_dirs, backend):
+    """`llama2.load` reads sharded safetensors (with the index) and pytorch_model.bin; logits equal HF's."""
+    import torch
+
+    src, hf = hf_dirs[(8, 2)]
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, safe_serialization=True, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) >= 2
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    (binary / "config.json").write_text((src / "config.json").read_text())
+    torch.save({k: v.detach().clone() for k, v in hf.state_dict().items()}, binary / "pytorch_model.bin")
+    ids = _ids(2, 10, seed=5)
+    ref = hf_logits(hf, ids)
+    for d in (sharded, binary):
+        got = llama2.load(d, backend=_backend(backend)).forward(ids)
+        assert np.abs(got - ref).max() <= 1e-4, d.name
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_load_reads_one_tensor_at_a_time(hf_dirs, backend, monkeypatch):
+    """Every tensor read from the file is released before the one after next is read: no second full copy."""
+    import itertools
+    import weakref
+
+    from llama2.core.formats import hf as hf_format
+
+    read = hf_format._read_st_tensor
+    live: set[int] = set()
+    most = [0]
+    counter = itertools.count()
+
+    def tracked(*args, **kwargs):
+        arr = read(*args, **kwargs)
+        key = next(counter)
+        live.add(key)
+        weakref.finalize(arr, live.discard, key)
+        most[0] = max(most[0], len(live))
+        return arr
+
+    monkeypatch.setattr(hf_format, "_read_st_tensor", tracked)
+    model = llama2.load(hf_dirs[(8, 2)][0], backend=_backend(backend))
+    n_tensors = len(model.runtime.param_names())
+    assert n_tensors > 10
+    assert most[0] <= 2, f"{most[0]} of {n_tensors} tensors read from the file were alive at once"
+    assert not live  # nothing read from the file is kept by the runtime
+    assert np.isfinite(model.forward(_ids(1, 4))).all()
+
+
+# ---- precision rules --------------------------------------------------------------------------------------------
+def _run_rmsnorm(backend: str, x: np.ndarray) -> np.ndarray:
+    """A lowered RMSNorm node (weight 1) applied to float16 x on CPU."""
+    from llama2.core.graph import RMSNorm
+
+    module = BACKENDS.get(_backend(backend)).lower(RMSNorm(dim=x.shape[-1]))
+    if backend == "torch":
+        import torch
+
+        with torch.no_grad():
+            module.weight.fill_(1.0)
+            return module(torch.from_numpy(x)).numpy()
+    import mindspore as ms
+
+    module.weight.set_data(ms.Tensor(np.ones(x.shape[-1], np.float32)))
+    return module(ms.Tensor(x)).asnumpy()
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_rmsnorm_statistics_in_float32_for_float16_input(backend):
+    """x = 300 in float16: x*x = 90000 overflows float16 (max 65504), so only fp32 statistics give y = 1."""
+    x = np.full((2, 8), 300.0, np.float16)
+    x[1] = np.linspace(-400, 400, 8).astype(np.float16)
+    y = _run_rmsnorm(backend, x)
+    assert y.dtype == np.float16  # the result keeps the input dtype
+    xf = x.astype(np.float64)
+    ref = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y.astype(np.float64), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_rope_tables_computed_in_float64():
+    """cos/sin are float32 but exact to float32 rounding even at position 4095 (fp32 angles would be off ~1e-4)."""
+    from llama2.core.backend import rope_tables
+
+    cos, sin = rope_tables(128, 4096)
+    assert cos.dtype == sin.dtype == np.float32 and cos.shape == (4096, 128)
+    inv = 1.0 / (10000.0 ** (np.arange(0, 128, 2, dtype=np.float64) / 128))
+    angle = np.outer(np.arange(4096, dtype=np.float64), inv)
+    ref_cos = np.cos(np.concatenate([angle, angle], -1))
+    assert np.abs(cos - ref_cos).max() <= 1e-7
+    angle32 = np.outer(np.arange(4096, dtype=np.float32), inv.astype(np.float32))
+    assert np.abs(np.cos(angle32).astype(np.float64) - ref_cos[:, :64]).max() > 1e-5  # the case the rule guards
+
+
+# ---- `--backend` on the command line ----------------------------------------------------------------------------
+def test_backend_flag_on_every_model_command():
+    from llama2.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("generate", "info", "pretrain", "finetune", "evaluate"):
+        assert "--backend" in sub[command]._option_string_actions, command
+
+
+def test_cli_pretrain_finetune_evaluate_on_torch(tmp_path, capsys, monkeypatch):
+    """`--backend torch` reaches the runtime in `llama2 pretrain`, `llama2 finetune` and `llama2 evaluate`."""
+    from llama2.cli import main
+    from llama2.data.records import write_records
+
+    asked: list[str] = []
+    get = BACKENDS.get
+    monkeypatch.setattr(BACKENDS, "get", lambda name: asked.append(name) or get(name))
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "rows.npy", rng.integers(3, 512, size=(8, 17)).astype(np.int32))
+    ids = rng.integers(3, 512, size=(8, 17)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :8] = IGNORE_INDEX
+    write_records(tmp_path / "sft.npz", {"input_ids": ids, "labels": labels})
+    common = ["--steps", "2", "--batch-size", "4", "--backend", "torch", "--no-progress"]
+    pre = ["pretrain", "--preset", "tiny", "--vocab-size", "512", "--max-seq-len", "32", "--data"]
+    assert main([*pre, str(tmp_path / "rows.npy"), "--out", str(tmp_path / "pre"), *common]) == 0
+    (state,) = (tmp_path / "pre").glob("checkpoints/*/trainer_state.json")
+    assert json.loads(state.read_text())["backend"] == "torch"
+    assert asked and set(asked) == {"torch"}
+    asked.clear()
+    fin = ["finetune", "--model", str(tmp_path / "pre"), "--data", str(tmp_path / "sft.npz"), "--method", "lora"]
+    assert main([*fin, "--out", str(tmp_path / "fin"), *common]) == 0
+    assert (tmp_path / "fin" / "adapter" / "adapter_config.json").is_file()
+    assert asked and set(asked) == {"torch"}
+    asked.clear()
+    capsys.readouterr()
+    ev = ["evaluate", "--model", str(tmp_path / "pre"), "--metric", "perplexity", "--data", str(tmp_path / "rows.npy")]
+    assert main([*ev, "--backend", "torch", "--json", "--no-progress"]) == 0
+    assert asked and set(asked) == {"torch"}
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ref = llama2.evaluate(
+        llama2.load(tmp_path / "pre", backend="torch"), "perplexity", data=tmp_path / "rows.npy", progress=False
+    )
+    assert got["tokens"] == ref["tokens"] == 8 * 16
+    assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)

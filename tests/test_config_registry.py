@@ -6,7 +6,7 @@ import pytest
 
 from llama2.core.config import ModelConfig
 from llama2.core.graph import build_graph, named_params
-from llama2.core.registry import BACKENDS, Registry
+from llama2.core.registry import ADAPTERS, BACKENDS, METRICS, Registry
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,13 @@ def test_canonical_names_follow_hf():
 def test_registry_lookup_errors_list_known_names():
     reg: Registry = Registry("widget")
     reg.register("a", object())
-    with pytest.raises(KeyError, match="known widgets: a"):
+
+    @reg.register("deco")
+    class Deco:  # decorator registration returns the class unchanged
+        pass
+
+    assert reg.get("deco") is Deco and reg.names() == ["a", "deco"] and "deco" in reg
+    with pytest.raises(KeyError, match="known widgets: a, deco"):
         reg.get("b")
     with pytest.raises(ValueError, match="already registered"):
         reg.register("a", object())
@@ -87,3 +93,8 @@ def test_entry_point_discovery(monkeypatch):
     reg: Registry = Registry("thing", "llama2.test")
     assert reg.get("plug") == "the plugin"
     assert reg.names() == ["plug"]
+
+
+def test_plugin_entry_point_groups():
+    assert (BACKENDS.group, ADAPTERS.group, METRICS.group) == ("llama2.backends", "llama2.adapters", "llama2.metrics")
+    assert {"mindspore", "torch"} <= set(BACKENDS.names())

@@ -116,6 +116,16 @@ def test_merge_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "model_parallel=3 must divide" in capsys.readouterr().err
 
 
+def test_adapter_only_parts_merge_to_tensors_not_a_model(tmp_path: Path) -> None:
+    """A LoRA finetune's rank parts hold only adapter tensors: merged_tensors joins them, merge explains."""
+    lora = {"model.layers.0.self_attn.q_proj.lora_A.weight": np.arange(8 * 64, dtype=np.float32).reshape(8, 64)}
+    for rank in range(2):
+        dc.save_rank_checkpoint(tmp_path, 2, rank, 2, CFG, lora.items())
+    _bits_equal(dict(dc.merged_tensors(tmp_path, check_replicas=True)), lora)
+    with pytest.raises(ValueError, match="adapter-only checkpoint"):
+        dc.merge(tmp_path, tmp_path / "merged")
+
+
 def test_trainer_saves_rank_parts(tmp_path: Path) -> None:
     """Two ranks simulated in one process (no collectives): each writes its own part under distributed/step_N."""
     pytest.importorskip("mindspore")

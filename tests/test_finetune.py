@@ -2,11 +2,15 @@
 
 The tiny model keeps Llama 2's 32000-piece vocabulary (so the real tokenizer applies) with a small width. Each
 method must lower the training loss, measured deterministically before and after training on the same 16
-training samples (mean NLL over their supervised tokens). Measured on this config (seed 0, 2-core CPU):
-full 10.39 -> 9.94 (8 steps, batch 4, lr 3e-3), LoRA 10.39 -> 10.31 (r 8, q/k/v/o, 10 steps, lr 1e-2),
-prefix 10.393 -> 10.361 (8 virtual tokens, 10 steps, lr 0.2); the pinned margins are about half of those drops.
-Adapters can only move the hidden state fed to a frozen random LM head (prefix values even pass through a
-random o_proj), hence their small but deterministic drops.
+training samples (mean NLL over their supervised tokens; alpaca_data_200.json at seq_length 128: 186 samples).
+Measured on this config (seed 0, batch 4; MindSpore graph mode and torch agree to 1e-4):
+full 10.3927 -> 9.9419 (drop 0.451; 8 steps, lr 3e-3), LoRA 10.3927 -> 10.3097 (drop 0.083; r 8, alpha 16,
+q/k/v/o, 10 steps, lr 1e-2), prefix 10.3927 -> 10.3613 (drop 0.031; 8 virtual tokens, 10 steps, lr 0.2).
+The pinned margins are about half of each drop: far above run-to-run noise (the runs are seeded and
+deterministic), low enough to survive kernel-level float differences. Adapters on a random model can only move
+the hidden state fed to a frozen random LM head (prefix values even pass through a random o_proj), hence their
+small drops; full finetuning also learns the output embedding's token frequencies.
+The fast checks at the end run the tiny preset on the torch backend.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from llama2.core.model import create
 from llama2.core.run_dir import list_checkpoints, read_model_tensors
 from llama2.finetuning import finetune, load_sft_data
 from tests.conftest import data_path
+from tests.test_adapter_plugin import ia3_installed  # noqa: F401 - fixture: the IA3 example plugin, pip-installed
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=32000, max_seq_len=256)
 SEQ = 128
@@ -80,7 +85,7 @@ def test_full_finetune_on_alpaca_json_lowers_the_loss(tok, alpaca, samples, tmp_
     )
     assert tuned is model
     after = probe_loss(tuned, samples)
-    assert before - after > 0.25, (before, after)
+    assert before - after > 0.25, (before, after)  # measured 0.451 (see the module docstring)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 9))
     assert all(0 < r["tokens"] <= 4 * SEQ for r in lines)  # only supervised tokens are scored
@@ -93,11 +98,10 @@ def test_full_finetune_on_alpaca_json_lowers_the_loss(tok, alpaca, samples, tmp_
 def test_lora_trains_only_the_adapter_and_saves_only_it(tok, samples, tmp_path):
     from safetensors.numpy import load_file
 
-    from llama2.data.records import write_records
+    from llama2.data.sft import write_sft_npy
     from llama2.peft import adapter_params, load_adapter
 
-    data = tmp_path / "sft.npz"
-    write_records(data, samples)
+    data = write_sft_npy(tmp_path / "sft.npy", samples)  # the .npy layout of `llama2 prepare sft`
     model = create(CFG, tokenizer=tok, seed=0)
     base = weights(model)
     before = probe_loss(model, samples)
@@ -106,7 +110,7 @@ def test_lora_trains_only_the_adapter_and_saves_only_it(tok, samples, tmp_path):
         model, data, method="lora", out_dir=out, steps=10, batch_size=4, lr=1e-2, r=8, alpha=16, progress=False
     )
     after = probe_loss(tuned, samples)
-    assert before - after > 0.04, (before, after)
+    assert before - after > 0.04, (before, after)  # measured 0.083
     names = adapter_params(tuned)
     assert names and all("lora" in n for n in names)
     assert tuned.runtime.trainable_names() == names
@@ -126,7 +130,7 @@ def test_lora_trains_only_the_adapter_and_saves_only_it(tok, samples, tmp_path):
 def test_prefix_tuning_via_cli_lowers_the_loss(tok, samples, tmp_path):
     from llama2.cli import main
     from llama2.data.records import write_records
-    from llama2.peft import load_adapter
+    from llama2.peft import adapter_params, load_adapter
 
     base_dir = tmp_path / "base"
     model = create(CFG, tokenizer=tok, seed=0)
@@ -140,12 +144,20 @@ def test_prefix_tuning_via_cli_lowers_the_loss(tok, samples, tmp_path):
     assert main(args) == 0
     load_adapter(model, out / "adapter")
     after = probe_loss(model, samples)
-    assert before - after > 0.015, (before, after)
+    assert before - after > 0.015, (before, after)  # measured 0.031
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert [a["name"] for a in cfg["adapters"]] == ["prefix"] and cfg["adapters"][0]["config"]["n_virtual"] == 8
+    # only the prefix tensors were saved (adapter file and checkpoint), one key and one value table per layer
+    from safetensors.numpy import load_file
+
+    names = adapter_params(model)
+    assert len(names) == 2 * CFG.n_layers and all("prefix" in n for n in names)
+    assert sorted(load_file(str(out / "adapter" / "adapter_model.safetensors"))) == sorted(names)
+    (ckpt,) = list_checkpoints(out)
+    assert sorted(n for n, _ in read_model_tensors(ckpt)) == sorted(names)
 
 
-# ---- fast checks on the tiny preset -----------------------------------------------------------------------------
+# ---- fast checks on the tiny preset, on the torch backend (`backend="torch"` / `--backend torch`) -----------------
 def _random_sft(n: int = 8, length: int = 17, vocab: int = 4096, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, vocab, size=(n, length)).astype(np.int32)
@@ -154,14 +166,19 @@ def _random_sft(n: int = 8, length: int = 17, vocab: int = 4096, seed: int = 0) 
     return {"input_ids": ids, "labels": labels}
 
 
+def tiny(seed: int = 0):
+    return create("tiny", backend="torch", seed=seed)
+
+
 def test_lora_resume_continues_exactly(tmp_path):
     from llama2.peft import adapter_params
 
     data = _random_sft()
     opts = dict(method="lora", steps=4, batch_size=2, lr=1e-2, progress=False, r=4)
-    straight = finetune(create("tiny", seed=1, mode="eager"), data, out_dir=tmp_path / "a", **opts)
-    finetune(create("tiny", seed=1, mode="eager"), data, out_dir=tmp_path / "b", stop_after=2, **opts)
-    resumed = finetune(create("tiny", seed=1, mode="eager"), data, out_dir=tmp_path / "b", resume=True, **opts)
+    straight = finetune(tiny(1), data, out_dir=tmp_path / "a", **opts)
+    assert straight.runtime.backend_name == "torch"
+    finetune(tiny(1), data, out_dir=tmp_path / "b", stop_after=2, **opts)
+    resumed = finetune(tiny(1), data, out_dir=tmp_path / "b", resume=True, **opts)
     names = adapter_params(straight)
     for n in names:
         np.testing.assert_allclose(resumed.runtime.get_param(n), straight.runtime.get_param(n), atol=1e-6, err_msg=n)
@@ -171,7 +188,7 @@ def test_lora_resume_continues_exactly(tmp_path):
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, tok, alpaca):
-    model = create("tiny", seed=0, mode="eager")
+    model = tiny()
     data = _random_sft()
     with pytest.raises(ValueError, match=r"unknown finetuning method 'nope'; known methods: full, .*lora.*prefix"):
         finetune(model, data, method="nope", out_dir=tmp_path / "x", steps=1)
@@ -181,6 +198,8 @@ def test_bad_arguments_are_clear_errors(tmp_path, tok, alpaca):
         finetune(model, data, out_dir=tmp_path / "x", steps=1, r=4)
     with pytest.raises(ValueError, match="no 'labels' column"):
         finetune(model, {"input_ids": data["input_ids"]}, out_dir=tmp_path / "x", steps=1)
+    with pytest.raises(FileNotFoundError, match="SFT data .*missing.npy not found"):
+        finetune(model, tmp_path / "missing.npy", out_dir=tmp_path / "x", steps=1)
     with pytest.raises(ValueError, match="needs seq_length"):
         load_sft_data(alpaca, tokenizer=tok)
     with pytest.raises(ValueError, match="needs a tokenizer"):
@@ -192,11 +211,61 @@ def test_bad_arguments_are_clear_errors(tmp_path, tok, alpaca):
         finetune(model, data, out_dir=tmp_path / "y", steps=1, batch_size=2, progress=False)
 
 
+def test_malformed_alpaca_json_is_reported_with_the_index(tmp_path, tok, alpaca):
+    records = json.loads(alpaca.read_text(encoding="utf-8"))[:6]
+    records[2] = {"instruction": "no output"}
+    records[4] = {"instruction": "x", "input": 7, "output": "y"}
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps(records), encoding="utf-8")
+    lines: list[str] = []
+    td = load_sft_data(src, tokenizer=tok, seq_length=SEQ, log=lines.append)
+    assert td.n_samples == 4
+    assert "skipped record 2: missing key 'output'" in "\n".join(lines)
+    assert "skipped record 4: 'input' must be a string, got int" in "\n".join(lines)
+
+
 def test_epochs_set_the_number_of_steps(tmp_path):
     data = _random_sft(n=8)
-    finetune(create("tiny", seed=0, mode="eager"), data, out_dir=tmp_path, epochs=1.5, batch_size=4, progress=False)
+    finetune(tiny(), data, out_dir=tmp_path, epochs=1.5, batch_size=4, progress=False)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # 8 samples / batch 4 = 2 steps per epoch
+
+
+@pytest.mark.usefixtures("ia3_installed")
+def test_plugin_adapter_by_method_name(tmp_path):
+    from safetensors.numpy import load_file
+
+    import llama2
+    from llama2.peft import adapter_params, load_adapter
+
+    data = _random_sft()
+    model = tiny()
+    base = weights(model)
+    nll0 = model.runtime.token_nll(data["input_ids"][:, :-1], data["labels"][:, 1:]).sum()
+    out = tmp_path / "ia3"
+    tuned = llama2.finetune(
+        model,
+        data=data,
+        method="ia3",
+        out_dir=out,
+        steps=8,
+        batch_size=4,
+        lr=0.05,
+        targets=["k_proj", "v_proj", "up_proj"],
+        progress=False,
+    )
+    names = adapter_params(tuned)
+    assert names and all(n.endswith(".ia3_l") for n in names) and tuned.runtime.trainable_names() == names
+    for n, w in weights(tuned, list(base)).items():
+        np.testing.assert_array_equal(w, base[n], err_msg=n)
+    nll1 = tuned.runtime.token_nll(data["input_ids"][:, :-1], data["labels"][:, 1:]).sum()
+    n_tokens = int((data["labels"][:, 1:] != IGNORE_INDEX).sum())
+    # measured mean NLL 8.3565 -> 8.3029 (drop 0.054) on these 72 supervised random tokens; pinned at about half
+    assert n_tokens == 72 and (nll0 - nll1) / n_tokens > 0.025, (nll0 / n_tokens, nll1 / n_tokens)
+    assert sorted(load_file(str(out / "adapter" / "adapter_model.safetensors"))) == sorted(names)
+    fresh = load_adapter(tiny(), out / "adapter")
+    ids = data["input_ids"][:2]
+    np.testing.assert_allclose(fresh.forward(ids), tuned.forward(ids), atol=1e-6)
 
 
 def test_packaged_yaml_sets_method_adapter_and_optimizer(tmp_path):
@@ -210,15 +279,28 @@ def test_packaged_yaml_sets_method_adapter_and_optimizer(tmp_path):
     assert kw["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]  # the seed's target_modules
     assert kw["lr"] == 1e-4 and kw["warmup_steps"] == 60 and kw["betas"] == (0.9, 0.999)
     assert kw["device"] == "cpu" and kw["dtype"] == "bfloat16" and kw["out_dir"] == "output/lora_llama2_7b"
+    args = build_parser().parse_args(["finetune", "--config", "finetune_llama2_7b", "--backend", "torch"])
+    model, kw = build_kwargs(args)
+    assert model == "llama2_7b" and kw["method"] == "full" and kw["lr"] == 1e-5 and kw["backend"] == "torch"
+    assert kw["data"] == "alpaca.mindrecord" and kw["steps"] == 2000 and kw["batch_size"] == 8
+    assert not {"r", "alpha", "n_virtual"} & set(kw)
+    # a prefix-tuning file with the seed's option names
+    yaml_file = tmp_path / "prefix.yaml"
+    yaml_file.write_text("finetune: {method: prefix}\nprefix: {pre_seq_len: 12, mid_dim: 32}\n", encoding="utf-8")
+    args = build_parser().parse_args(
+        ["finetune", "--config", str(yaml_file), "--model", "m", "--data", "d", "--out", "o"]
+    )
+    _, kw = build_kwargs(args)
+    assert kw["method"] == "prefix" and kw["n_virtual"] == 12 and kw["projection_dim"] == 32
 
 
-def test_cli_finetune_from_a_yaml_file(tmp_path):
+def test_cli_finetune_from_a_yaml_file_on_torch(tmp_path):
     from llama2.cli import main
     from llama2.data.records import write_records
 
     base = tmp_path / "base"
-    create("tiny", seed=0, mode="eager").save(base)
-    write_records(tmp_path / "sft.npz", _random_sft())
+    tiny().save(base)
+    write_records(tmp_path / "sft.mindrecord", _random_sft())
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(
         "runner: {steps: 2, batch_size: 2}\n"
@@ -228,8 +310,8 @@ def test_cli_finetune_from_a_yaml_file(tmp_path):
         encoding="utf-8",
     )
     out = tmp_path / "run"
-    args = ["finetune", "--config", str(yaml_file), "--model", str(base), "--data", str(tmp_path / "sft.npz")]
-    assert main(args + ["--out", str(out), "--no-progress"]) == 0
+    args = ["finetune", "--config", str(yaml_file), "--model", str(base), "--data", str(tmp_path / "sft.mindrecord")]
+    assert main(args + ["--out", str(out), "--backend", "torch", "--no-progress"]) == 0
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())["adapters"][0]
     assert cfg["name"] == "lora" and cfg["config"]["r"] == 4 and cfg["config"]["targets"] == ["q_proj", "v_proj"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

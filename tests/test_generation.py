@@ -163,6 +163,18 @@ def test_cli_info_with_backend(hf_dir, backend, capsys):
     assert info["backend"]["loaded_parameters"] == info["num_parameters"] == llama2.load(d).num_parameters()
 
 
+def test_cli_info_text(hf_dir, capsys):
+    from llama2.cli import main
+    from llama2.core.config import ModelConfig
+
+    d, hf = hf_dir
+    assert main(["info", "--model", str(d)]) == 0
+    out = capsys.readouterr().out
+    count = sum(p.numel() for p in hf.parameters())  # HF's own count is the oracle
+    assert f"parameters: {count:,}" in out and "format:     hf" in out
+    assert ModelConfig.from_hf(hf.config.to_dict()).num_parameters() == count
+
+
 @pytest.fixture(scope="module")
 def text_model_dir(tmp_path_factory):
     """A 1-layer random model with the real Llama 2 vocabulary and tokenizer.model beside it."""
@@ -197,6 +209,9 @@ def test_stream_and_stop_strings(text_model_dir, backend):
 
     model = llama2.load(text_model_dir, backend=_backend_or_skip(backend))
     full = model.generate("Once upon a time", max_new_tokens=12)[0]
+    tok = model.tokenizer  # continuation only: the decoded new ids, without the prompt
+    new_ids = model.generate_ids([tok.encode("Once upon a time", bos=True)], max_new_tokens=12)[0]
+    assert full == tok.decode(new_ids)
     pieces = list(model.stream("Once upon a time", max_new_tokens=12))
     assert "".join(pieces) == full and len(pieces) > 1
     stop = full.strip()[len(full.strip()) // 2 :][:3]  # a substring from the middle of the greedy continuation

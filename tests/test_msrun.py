@@ -1,4 +1,5 @@
-"""Data parallel under msrun on CPU: 2 workers == 1 process with the same global batch; `llama2 launch`."""
+"""Data parallel under msrun on CPU: 2 workers == 1 process with the same global batch (pretrain, LoRA finetune);
+`llama2 launch`. Each msrun test takes ~30 s on 2 busy cores (the single-process oracle runs meanwhile)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llama2.cli import main
 from llama2.commands.launch import msrun_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,12 +38,12 @@ def _launch_args(**kw) -> argparse.Namespace:
 def test_launch_builds_msrun_command() -> None:
     cmd = msrun_command(_launch_args(master_port=12345), env={})
     assert Path(cmd[0]).name == "msrun"
-    opts = dict(zip(cmd[1:-4:2], cmd[2:-4:2]))
+    opts = dict(zip(cmd[1:-6:2], cmd[2:-6:2]))
     assert opts["--worker_num"] == "2" and opts["--local_worker_num"] == "2" and opts["--join"] == "True"
     assert opts["--master_addr"] == "127.0.0.1" and opts["--master_port"] == "12345" and opts["--node_rank"] == "0"
-    assert cmd[-4].endswith("llama2/__main__.py") and cmd[-3:] == ["pretrain", "--preset", "tiny"]
+    assert cmd[-6] in ("python", "python3") and cmd[-5:] == ["-m", "llama2", "pretrain", "--preset", "tiny"]
     multi = msrun_command(_launch_args(nproc=8, nnodes=2), env={"MASTER_ADDR": "10.0.0.1", "NODE_RANK": "1"})
-    opts = dict(zip(multi[1:-4:2], multi[2:-4:2]))
+    opts = dict(zip(multi[1:-6:2], multi[2:-6:2]))
     assert (opts["--worker_num"], opts["--local_worker_num"], opts["--node_rank"]) == ("16", "8", "1")
     assert opts["--master_addr"] == "10.0.0.1" and opts["--master_port"] == "8118"
     with pytest.raises(ValueError, match="node-rank 2 must be in"):
@@ -54,8 +56,33 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
+def _start_msrun(tmp_path: Path, cli: list[str], tag: str) -> tuple[subprocess.Popen, Path]:
+    """Start `llama2 launch --nproc 2 -- CLI` (msrun, 2 CPU workers over loopback) in tmp_path."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env["PYTHONPATH"] = str(REPO)
+    for k in ("RANK", "WORLD_SIZE", "RANK_ID", "RANK_SIZE", "MS_ROLE", "DEVICE_ID"):
+        env.pop(k, None)
+    log_dir = tmp_path / f"logs_{tag}"
+    cmd = [sys.executable, "-m", "llama2", "launch", "--nproc", "2", "--master-port", str(_free_port())]
+    cmd += ["--log-dir", str(log_dir), "--cluster-time-out", "120", "--", *cli]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    return proc, log_dir
+
+
+def _wait_msrun(proc: subprocess.Popen, log_dir: Path) -> None:
+    """Wait for a `_start_msrun` run (killing its process group on timeout); fail with its logs."""
+    try:
+        out, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # msrun, its scheduler and workers share this session
+            proc.wait()
+    logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted(log_dir.glob("*.log")))
+    assert proc.returncode == 0, f"msrun failed:\n{(out or '')[-3000:]}\n{logs}"
+
+
 def test_two_msrun_workers_match_one_process(tmp_path: Path) -> None:
+    """The issue's main test, in graph (jit) mode, the default: 2 msrun workers == 1 process; merge and load."""
     pytest.importorskip("mindspore")
     import llama2
     from llama2.core import dist_checkpoint as dc
@@ -64,27 +91,12 @@ def test_two_msrun_workers_match_one_process(tmp_path: Path) -> None:
     data = np.random.default_rng(0).integers(3, 4096, size=(16, TRAIN["seq_length"] + 1)).astype(np.int32)
     np.save(tmp_path / "d.npy", data)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()]
-    # eager (PyNative): graph mode under msrun sometimes fails to compile the grad step ("Unsupported statement
-    # 'ImportFrom'"), see docs/distributed.md
-    cli = ["pretrain", "--preset", "tiny", "--data", str(tmp_path / "d.npy"), "--no-progress", "--mode", "eager"]
-    cli += flags
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env["PYTHONPATH"] = str(REPO)
-    for k in ("RANK", "WORLD_SIZE", "RANK_ID", "RANK_SIZE", "MS_ROLE"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "llama2", "launch", "--nproc", "2", "--master-port", str(_free_port())]
-    cmd += ["--log-dir", str(tmp_path / "logs"), "--cluster-time-out", "120", "--", *cli, "--out", str(tmp_path / "dp")]
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, text=True)
-    try:
-        out, _ = proc.communicate(timeout=420)
+    cli = ["pretrain", "--preset", "tiny", "--data", str(tmp_path / "d.npy"), "--no-progress", "--mode", "graph"]
+    run = _start_msrun(tmp_path, [*cli, *flags, "--out", str(tmp_path / "dp")], "pretrain")
+    try:  # the single-process oracle runs while msrun starts up
+        one = llama2.pretrain("tiny", data=data, out_dir=tmp_path / "one", progress=False, mode="graph", **TRAIN)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # msrun, its scheduler and workers share this session
-            proc.wait()
-    logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "logs").glob("*.log")))
-    assert proc.returncode == 0, f"msrun failed:\n{out[-3000:]}\n{logs}"
-
-    one = llama2.pretrain("tiny", data=data, out_dir=tmp_path / "one", progress=False, mode="eager", **TRAIN)
+        _wait_msrun(*run)
     m2, m1 = _metrics(tmp_path / "dp"), _metrics(tmp_path / "one")
     assert [r["step"] for r in m2] == [1, 2, 3]
     np.testing.assert_allclose([r["loss"] for r in m2], [r["loss"] for r in m1], rtol=0, atol=1e-5)
@@ -96,10 +108,50 @@ def test_two_msrun_workers_match_one_process(tmp_path: Path) -> None:
     dp_weights = dict(rd.read_model_tensors(ck))
     for name, value in dp_weights.items():
         np.testing.assert_allclose(value, one.runtime.get_param(name), rtol=0, atol=1e-5, err_msg=name)
-    merged = dc.merge(tmp_path / "dp", tmp_path / "merged", check_replicas=True)
+    assert (
+        main(["merge", "--input", str(tmp_path / "dp"), "--output", str(tmp_path / "merged"), "--check-replicas"]) == 0
+    )
     assert sorted(p.name for p in dc.find_distributed(tmp_path / "dp").iterdir()) == ["rank_0", "rank_1"]
-    model = llama2.load(merged)
+    model = llama2.load(tmp_path / "merged", mode="eager")
     for name, value in dp_weights.items():
         assert model.runtime.get_param(name).tobytes() == value.tobytes(), name
     ids = data[:2, :8]
     np.testing.assert_allclose(model.forward(ids), one.forward(ids), rtol=0, atol=1e-4)
+
+
+def test_two_msrun_workers_finetune_lora_match_one_process(tmp_path: Path) -> None:
+    """`llama2 finetune --method lora` under msrun: masked labels give each rank a different token count."""
+    pytest.importorskip("mindspore")
+    from safetensors.numpy import load_file
+
+    import llama2
+    from llama2.core import dist_checkpoint as dc
+    from llama2.core.model import create
+    from llama2.peft.io import WEIGHTS_NAME
+
+    create("tiny", seed=3, mode="eager").save(tmp_path / "base")
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 4096, size=(8, 17)).astype(np.int32)
+    labels = ids.copy()
+    for i, n_prompt in enumerate(rng.integers(1, 14, size=8)):
+        labels[i, :n_prompt] = -100
+    np.savez(tmp_path / "sft.npz", input_ids=ids, labels=labels)
+    kw = dict(method="lora", steps=2, batch_size=4, lr=1e-3, save_every=2, grad_clip=1.0)
+    cli = ["finetune", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "sft.npz"), "--no-progress"]
+    cli += ["--method", "lora", "--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--save-every", "2"]
+    run = _start_msrun(tmp_path, [*cli, "--out", str(tmp_path / "dp")], "finetune")
+    try:
+        llama2.finetune(tmp_path / "base", data=tmp_path / "sft.npz", out_dir=tmp_path / "one", progress=False, **kw)
+    finally:
+        _wait_msrun(*run)
+    m2, m1 = _metrics(tmp_path / "dp"), _metrics(tmp_path / "one")
+    assert [r["step"] for r in m2] == [1, 2]
+    np.testing.assert_allclose([r["loss"] for r in m2], [r["loss"] for r in m1], rtol=0, atol=1e-5)
+    assert [r["tokens"] for r in m2] == [r["tokens"] for r in m1]
+    a2 = load_file(str(tmp_path / "dp" / "adapter" / WEIGHTS_NAME))
+    a1 = load_file(str(tmp_path / "one" / "adapter" / WEIGHTS_NAME))
+    assert sorted(a2) == sorted(a1) and a2
+    for name in a1:
+        np.testing.assert_allclose(a2[name], a1[name], rtol=0, atol=1e-5, err_msg=name)
+    merged = dict(dc.merged_tensors(tmp_path / "dp", check_replicas=True))  # both ranks hold the same adapter
+    assert sorted(merged) == sorted(a2)

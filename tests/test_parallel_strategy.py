@@ -105,6 +105,7 @@ def test_tied_embeddings_and_lora_graph() -> None:
         ),
         ({"n_layers": 41}, {}, 16, r"pipeline_stage=2 must divide the model's n_layers \(41\)"),
         ({"hidden_dim": 13826}, {}, 16, r"model_parallel=4 must divide the model's hidden_dim \(13826\)"),
+        ({"n_kv_heads": 2}, {}, 16, r"model_parallel=4 must divide the model's n_kv_heads \(2\)"),
     ],
 )
 def test_invalid_layouts(model_kw: dict, par_kw: dict, world: int, message: str) -> None:
@@ -144,3 +145,67 @@ def test_mindspore_configure_parallel_refuses_cpu() -> None:
     s = derive_strategy(ModelConfig.from_preset("tiny"), ParallelConfig(model_parallel=2))
     with pytest.raises(ValueError, match="on CPU only data_parallel is supported"):
         configure_parallel(object(), s, "cpu")
+
+
+def test_msrun_device_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On GPU/Ascend under msrun a worker takes DEVICE_ID (its local rank) unless a device id is given."""
+    from llama2.backends.mindspore.parallel import msrun_device_id
+
+    for k in ("MS_ROLE", "MS_SCHED_PORT", "DEVICE_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("DEVICE_ID", "3")
+    assert msrun_device_id("gpu", 0) == 0  # not under msrun
+    monkeypatch.setenv("MS_ROLE", "MS_WORKER")
+    monkeypatch.setenv("MS_SCHED_PORT", "8118")
+    assert msrun_device_id("gpu", 0) == 3 and msrun_device_id("ascend", 0) == 3
+    assert msrun_device_id("gpu", 5) == 5  # an explicit device id wins
+    assert msrun_device_id("cpu", 0) == 0
+    monkeypatch.setenv("DEVICE_ID", "x")
+    with pytest.raises(ValueError, match="DEVICE_ID environment variable must be an integer"):
+        msrun_device_id("gpu", 0)
+
+
+def test_cell_plan_matches_the_lowered_network() -> None:
+    """Every cell and parameter `configure_parallel` would touch exists in the real MindSpore lowering, and the
+    `Cell.shard` keywords it passes exist in this MindSpore."""
+    pytest.importorskip("mindspore")
+    import inspect
+
+    import mindspore as ms
+
+    from llama2.backends.mindspore.parallel import cell_shard_plan
+    from llama2.core.model import build_runtime
+
+    cfg = ModelConfig.from_preset("tiny")
+    rt = build_runtime(cfg, "mindspore", mode="eager")
+    cells = dict(rt.net.cells_and_names())
+    plan = cell_shard_plan(
+        derive_strategy(
+            cfg,
+            ParallelConfig(data_parallel=1, model_parallel=2, pipeline_stage=2, micro_batch_num=2, vocab_emb_dp=False),
+        )
+    )
+    assert set(plan) <= set(cells), sorted(set(plan) - set(cells))
+    for path, p in plan.items():
+        own = {q.name for q in cells[path].get_parameters()}
+        assert set(p.parameter_plan) <= own, path
+    assert {"in_strategy", "parameter_plan"} <= set(inspect.signature(ms.nn.Cell.shard).parameters)
+
+
+def test_init_from_env_refuses_a_stale_rank_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer slices data by RANK_ID; if it disagrees with the rank MindSpore assigned, fail loudly."""
+    pytest.importorskip("mindspore")
+    import mindspore.communication as comm
+
+    from llama2.backends.mindspore.parallel import init_from_env
+
+    monkeypatch.setattr(comm.GlobalComm, "INITED", True)
+    monkeypatch.setattr(comm, "get_rank", lambda: 1)
+    monkeypatch.setattr(comm, "get_group_size", lambda: 2)
+    monkeypatch.setenv("MS_ROLE", "MS_WORKER")
+    monkeypatch.setenv("MS_SCHED_PORT", "8118")
+    monkeypatch.setenv("RANK_ID", "1")
+    assert init_from_env() == (1, 2)
+    monkeypatch.setenv("RANK_ID", "0")
+    with pytest.raises(RuntimeError, match="assigned this process rank 1 but RANK_ID=0"):
+        init_from_env()

@@ -135,6 +135,12 @@ def test_packed_rows_npy_and_jsonl(tmp_path) -> None:
     assert a["loss"] == pytest.approx(ref, rel=1e-9)
     with pytest.raises(ValueError, match="seq_length=4"):
         evaluate(stub_model(rt), "perplexity", data=tmp_path / "rows.npy", seq_length=4, progress=False)
+    pytest.importorskip("mindspore")
+    from llama2.data.records import write_records
+
+    rec = write_records(tmp_path / "wiki.mindrecord", rows.astype(np.int32))  # what `llama2 prepare wiki` writes
+    c = evaluate(stub_model(rt), "perplexity", data=rec, batch_size=3, progress=False)
+    assert c["tokens"] == 48 and c["perplexity"] == pytest.approx(a["perplexity"], rel=1e-12)
 
 
 def test_raw_text_file_is_one_document(tmp_path) -> None:
@@ -171,15 +177,16 @@ def test_batch_windows_pad_right() -> None:
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
 
 
-def test_real_mindspore_model_batch_size_independent() -> None:
+@pytest.mark.parametrize("backend", ["mindspore", "torch"])
+def test_real_model_batch_size_independent(backend: str) -> None:
     model_mod = pytest.importorskip("llama2.core.model")
     from llama2.core.config import ModelConfig
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=97, max_seq_len=32)
     try:
-        model = model_mod.create(cfg, backend="mindspore", seed=0)
+        model = model_mod.create(cfg, backend=backend, seed=0)
     except (RuntimeError, KeyError, ImportError) as exc:  # backend not installed or not usable here
-        pytest.skip(f"MindSpore backend not usable: {exc}")
+        pytest.skip(f"{backend} backend not usable: {exc}")
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, 97, size=n).tolist() for n in (40, 7, 25, 3)]
     res = [

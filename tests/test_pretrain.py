@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -57,6 +58,10 @@ def test_resume_equals_uninterrupted_and_corrupt_fallback(tmp_path, backend: str
 def test_yaml_cli_plot_load_evaluate(tmp_path, capsys) -> None:
     """`llama2 pretrain --config` (YAML, flags override), `llama2 plot`, `llama2.load(run)`, `llama2 evaluate`."""
     np.save(tmp_path / "rows.npy", _data())
+    pytest.importorskip("mindspore")
+    from llama2.data.records import write_records
+
+    rec = write_records(tmp_path / "rows.mindrecord", _data())  # the format `llama2 prepare wiki` writes
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
         "backend: torch\nmodel: {dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, hidden_dim: 64, vocab_size: 97,"
@@ -65,7 +70,7 @@ def test_yaml_cli_plot_load_evaluate(tmp_path, capsys) -> None:
         "lr_schedule: {type: CosineWithWarmUpLR, lr: 1.0e-2, warmup_steps: 1}\n"
     )
     out = tmp_path / "run"
-    args = ["pretrain", "--config", str(cfg), "--data", str(tmp_path / "rows.npy"), "--out", str(out)]
+    args = ["pretrain", "--config", str(cfg), "--data", str(rec), "--out", str(out)]
     assert cli_main([*args, "--steps", "3", "--no-progress"]) == 0
     state = json.loads((out / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["train_config"]["weight_decay"] == 0.0 and state["backend"] == "torch"
@@ -84,13 +89,18 @@ def test_yaml_cli_plot_load_evaluate(tmp_path, capsys) -> None:
     assert res["tokens"] == 16 * 16 and 1 < res["perplexity"] < 97 * 2
 
 
-def test_bad_input(tmp_path, llama_tokenizer_path) -> None:
+def test_bad_input(tmp_path, llama_tokenizer_path, capsys) -> None:
     data = _data()
     with pytest.raises(ValueError, match="32000 pieces but the model's vocab_size is 97"):
         llama2.pretrain(CFG, data=data, out_dir=tmp_path / "a", tokenizer=llama_tokenizer_path, backend="torch")
     long_rows = np.random.default_rng(0).integers(3, 97, size=(8, 65))
-    with pytest.raises(ValueError, match="max_seq_len 32"):
+    with pytest.raises(ValueError, match="train 64 positions.*above the model's max_seq_len 32"):
         llama2.pretrain(CFG, data=long_rows, out_dir=tmp_path / "b", backend="torch", steps=1, batch_size=2)
+    stream = np.random.default_rng(0).integers(3, 97, size=1000)  # a 1-D token stream cut at seq_length + 1
+    with pytest.raises(ValueError, match="train 48 positions.*max_seq_len 32"):
+        llama2.pretrain(CFG, data=stream, seq_length=48, out_dir=tmp_path / "b", backend="torch", steps=1)
+    with pytest.raises(ValueError, match="no training samples"):
+        llama2.pretrain(CFG, data=np.zeros((0, 17), np.int32), out_dir=tmp_path / "b", backend="torch", steps=1)
     with pytest.raises(ValueError, match="vocab_size is 97"):
         llama2.pretrain(CFG, data=data + 90, out_dir=tmp_path / "c", backend="torch", steps=1, batch_size=2)
     with pytest.raises(ValueError, match="fewer than batch_size"):
@@ -102,6 +112,7 @@ def test_bad_input(tmp_path, llama_tokenizer_path) -> None:
         + ["--seq-length", "8", "--output", str(tmp_path / "e.npy"), "--no-progress"]
     )
     assert rc == 1 and not (tmp_path / "e.npy").exists()
+    assert f"{empty}: no text to pack (the input is empty" in capsys.readouterr().err
     run = tmp_path / "f"
     llama2.pretrain(CFG, data=data, out_dir=run, backend="torch", steps=2, batch_size=4, save_every=1, progress=False)
     for ckpt in (run / "checkpoints").iterdir():
@@ -152,3 +163,179 @@ def test_real_wikitext2_pretraining_mindspore(tmp_path, llama_tokenizer_path) ->
     """The same on MindSpore (graph mode) for 60 steps: measured 604 with torch at these settings; pinned < 900."""
     before, after, losses = _real_run(tmp_path, llama_tokenizer_path, 60, "mindspore")
     assert before > 20000 and all(np.isfinite(losses)) and after < 900, (before, after)
+
+
+def _expected_lr(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup (update k uses lr * (k + 1) / warmup), then cosine from lr to min_lr at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / (total - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def test_schedule_warmup_then_cosine() -> None:
+    from llama2.core.schedule import lr_at
+
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=14)
+    got = [lr_at(s, **kw) for s in range(16)]
+    assert got[:4] == [0.25, 0.5, 0.75, 1.0] and got[4] == 1.0
+    assert got[9] == pytest.approx(0.55) and got[14] == pytest.approx(0.1) and got[15] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(got[3:], got[4:]))  # non-increasing after warmup
+    assert [lr_at(s, schedule="constant", **kw) for s in (0, 3, 10)] == [0.25, 1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_at(0, schedule="linear", **kw)
+
+
+def test_trainer_matches_hf_llama_with_torch_adamw(tmp_path) -> None:
+    """The whole loop against a peer: HF LlamaForCausalLM + torch.optim.AdamW on the full batch of each step, the
+    same warmup/cosine rates, clip_grad_norm_. llama2 runs on MindSpore PyNative with gradient accumulation over
+    micro-batches of 2 sequences (2 per step); losses, pre-clip grad norms and final weights must agree."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llama2.core.model import create
+    from llama2.core.trainer import DataOrder
+
+    data = _data()
+    steps, bs, micro, lr, min_lr, warmup, clip, seed = 4, 4, 2, 3e-3, 3e-4, 2, 0.5, 3
+    model = create(CFG, backend="mindspore", seed=1, mode="eager")
+    init = {k: torch.from_numpy(np.array(v)) for k, v in model.runtime.state_dict()}
+    run = tmp_path / "run"
+    llama2.pretrain(
+        model, data=data, out_dir=run, steps=steps, batch_size=bs, micro_batch_size=micro, lr=lr, min_lr=min_lr,
+        warmup_steps=warmup, grad_clip=clip, weight_decay=0.1, seed=seed, progress=False,
+    )  # fmt: skip
+    recs = [json.loads(x) for x in (run / METRICS_FILE).read_text().splitlines()]
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in CFG.to_hf().items() if k != "architectures"})
+    hf = transformers.LlamaForCausalLM(hf_cfg).float().train()
+    missing, unexpected = hf.load_state_dict(init, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    params = list(hf.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95), eps=1e-8,
+    )  # fmt: skip
+    order = DataOrder(len(data), bs, seed)
+    ref_loss, ref_norm, ref_lr = [], [], []
+    for step in range(steps):
+        rows = torch.from_numpy(data[order.indices(step)].astype(np.int64))
+        logits = hf(input_ids=rows[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+        loss.backward()
+        ref_norm.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
+        ref_lr.append(_expected_lr(step, lr, min_lr, warmup, steps))
+        for g in opt.param_groups:
+            g["lr"] = ref_lr[-1]
+        opt.step()
+        opt.zero_grad()
+        ref_loss.append(float(loss.detach()))
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    np.testing.assert_allclose([r["lr"] for r in recs], ref_lr, rtol=1e-12)
+    np.testing.assert_allclose([r["loss"] for r in recs], ref_loss, rtol=1e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in recs], ref_norm, rtol=1e-4)
+    assert all(n > clip for n in ref_norm)  # clipping was active on every step
+    assert all(r["tokens"] == bs * 16 and r["tokens_per_s"] > 0 for r in recs)
+    hf_state = hf.state_dict()
+    for name, value in model.runtime.state_dict():
+        diff = np.abs(np.asarray(value) - hf_state[name].detach().numpy()).max()
+        assert diff < 2e-5, (name, diff)
+
+
+def test_data_order_seeded() -> None:
+    from llama2.core.trainer import DataOrder
+
+    a, b, c = DataOrder(10, 3, seed=1), DataOrder(10, 3, seed=1), DataOrder(10, 3, seed=2)
+    assert a.steps_per_epoch == 3  # the incomplete last batch (1 sample) is dropped
+    assert [a.indices(s).tolist() for s in range(6)] == [b.indices(s).tolist() for s in range(6)]
+    assert [a.indices(s).tolist() for s in range(3)] != [c.indices(s).tolist() for s in range(3)]
+    for epoch in (0, 1):
+        seen = np.concatenate([a.indices(epoch * 3 + k) for k in range(3)])
+        assert len(set(seen.tolist())) == 9  # no sample twice within an epoch
+    assert a.permutation(0).tolist() != a.permutation(1).tolist()  # a new order every epoch
+    halves = [a.indices(4, rank=r, world_size=3).tolist() for r in range(3)]
+    assert sum(halves, []) == a.indices(4).tolist()  # ranks read disjoint slices of the global batch
+
+
+@pytest.mark.parametrize("backend", ["mindspore", "torch"])
+def test_mixed_precision_refused_on_cpu(tmp_path, backend: str) -> None:
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(ValueError, match=f"{dtype}.*float32"):
+            llama2.pretrain(CFG, data=_data(), out_dir=tmp_path / dtype, backend=backend, dtype=dtype, steps=1)
+        assert not (tmp_path / dtype / "checkpoints").exists()
+
+
+def _gpu(backend: str) -> bool:
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    from llama2.backends.mindspore.device import device_available
+
+    return device_available("gpu")
+
+
+@pytest.mark.parametrize("backend", ["mindspore", "torch"])
+def test_mixed_precision_on_gpu(tmp_path, backend: str) -> None:
+    if not _gpu(backend):
+        pytest.skip(f"no GPU for the {backend} backend here: bf16 training needs device='gpu'")
+    llama2.pretrain(
+        CFG, data=_data(), out_dir=tmp_path / "bf16", backend=backend, device="gpu", dtype="bfloat16", **OPTS
+    )
+    losses = _losses(tmp_path / "bf16")
+    assert len(losses) == 6 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_packaged_yaml_configs_parse() -> None:
+    """Every packaged run file parses: pretrain/finetune/lora/predict x 7b/13b/70b with the seed's section names."""
+    import yaml
+
+    from llama2.cli import build_parser
+    from llama2.commands.pretrain import build_kwargs
+    from llama2.core.train_config import config_search_dirs, load_run_config
+
+    files = sorted(p.stem for p in config_search_dirs()[0].glob("*.yaml"))
+    expected = {f"{k}_llama2_{s}" for k in ("pretrain", "finetune", "lora", "predict") for s in ("7b", "13b", "70b")}
+    assert expected <= set(files)
+    params = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}
+    for name in files:
+        rc = load_run_config(name)
+        raw = yaml.safe_load(open(rc.source, encoding="utf-8"))
+        assert "model" in raw and ("parallel_config" in raw or name == "pretrain_tiny"), name
+        size = name.rsplit("_", 1)[-1]
+        if size in params:
+            assert rc.model.num_parameters() == params[size], name
+        kind = name.split("_")[0]
+        assert rc.options["run_mode"] == {"pretrain": "train", "predict": "predict"}.get(kind, "finetune"), name
+        if kind != "predict":
+            assert "runner" in raw or "training" in raw, name
+            assert {"optimizer", "lr_schedule"} <= set(raw), name
+            assert rc.train.steps == (raw.get("runner") or raw["training"])["steps"], name
+        if kind in ("finetune", "lora"):
+            assert rc.extra["finetune"]["method"] == ("lora" if kind == "lora" else "full"), name
+        if kind == "lora":
+            assert rc.extra["lora"]["r"] > 0, name
+        if kind == "predict":
+            assert "generation" in rc.extra, name
+        if kind == "pretrain":
+            flags = ["--out", "o", "--steps", "7"] + ([] if "data" in raw else ["--data", "d.npy"])
+            model, kw = build_kwargs(build_parser().parse_args(["pretrain", "--config", name, *flags]))
+            assert model == rc.model and kw["steps"] == 7 and kw["lr"] == rc.train.lr and kw["out_dir"] == "o"
+            assert kw["data"] == raw.get("data", "d.npy")
+    rc = load_run_config("pretrain_llama2_70b")
+    assert rc.model.n_kv_heads == 8 and rc.parallel.device_count >= 8
+
+
+def test_load_run_config_errors(tmp_path) -> None:
+    from llama2.core.train_config import load_run_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {preset: tiny}\ntraining: {steps: 3, batch_sise: 4}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.*batch_sise"):
+        load_run_config(bad)
+    bad.write_text("optimizer: {type: SGD}\n")
+    with pytest.raises(ValueError, match="SGD"):
+        load_run_config(bad)
+    with pytest.raises(FileNotFoundError, match="pretrain_llama2_7b"):
+        load_run_config("no_such_config")

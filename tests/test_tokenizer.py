@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llama2.data.tokenizer import Tokenizer
+from llama2 import Tokenizer  # the public name (llama2.data.tokenizer.Tokenizer)
 from tests.conftest import data_path
 
 SEP = "\n__ggml_vocab_test__\n"

@@ -98,6 +98,17 @@ def test_real_valid_split_llama_tokenizer(tmp_path, llama_tokenizer_path) -> Non
     assert "69 rows x 4097 tokens from 60 articles (283354 tokens, 661 dropped" in res.stdout
     assert rows.shape == (69, 4097) and rows.dtype == np.int32
     assert rows[0, 0] == BOS and (rows == BOS).sum() >= 59 and (rows == EOS).sum() >= 59
-    stats = prepare_wiki(src, llama_tokenizer_path, 4096, tmp_path / "again.npy", progress=False)
-    assert stats.tokens == 283354
-    assert (tmp_path / "again.npy").read_bytes() == out.read_bytes()
+    # the seed's format: the same rows in MindRecord, byte-identical on a second run, readable by MindDataset
+    recs = []
+    for sub in ("a", "b"):
+        recs.append(tmp_path / sub / "wiki4096.mindrecord")
+        stats = prepare_wiki(src, llama_tokenizer_path, 4096, recs[-1], progress=False)
+        assert stats.tokens == 283354 and stats.rows == 69
+    assert recs[0].read_bytes() == recs[1].read_bytes()
+    assert (recs[0].parent / "wiki4096.mindrecord.db").read_bytes() == (
+        recs[1].parent / "wiki4096.mindrecord.db"
+    ).read_bytes()
+    ds = pytest.importorskip("mindspore.dataset")
+    data = ds.MindDataset(str(recs[0]), columns_list=["input_ids"], shuffle=False)
+    got = np.stack([r["input_ids"] for r in data.create_dict_iterator(output_numpy=True)])
+    assert got.dtype == np.int32 and np.array_equal(got, rows)

@@ -1,6 +1,6 @@
 """Supervised finetuning on SFT data: full, LoRA, prefix tuning or a plugin adapter (`llama2.finetune`).
 
---data is a file written by `llama2 prepare sft` (.mindrecord/.npz), or a conversation/Alpaca JSON tokenized on
+--data is a file written by `llama2 prepare sft` (.mindrecord/.npy/.npz), or a conversation/Alpaca JSON tokenized on
 the fly with the model's tokenizer (then --seq-length is required). Metrics go to OUT/metrics.jsonl, checkpoints to
 OUT/checkpoints/step_N (full: the whole model, `llama2 generate --model OUT`; adapters: only the adapter, plus
 OUT/adapter/ at the end). Adapter options: the flags below, or --option KEY=VALUE (value parsed as JSON) for
@@ -20,7 +20,7 @@ HELP = "finetune a model on SFT data (full, lora, prefix, or a plugin adapter)"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint to start from (HF dir, .ckpt, Meta, llama2.c, run dir)")
     p.add_argument("--config", help="YAML run file or packaged config name (finetune_llama2_7b, lora_llama2_7b)")
-    p.add_argument("--data", help="SFT records (.mindrecord/.npz) or conversation/Alpaca JSON")
+    p.add_argument("--data", help="SFT records (.mindrecord/.npy/.npz) or conversation/Alpaca JSON")
     p.add_argument("--method", help="full (default), lora, prefix or an installed adapter plugin")
     p.add_argument("--out", dest="out_dir", help="run directory (metrics, checkpoints, adapter)")
     length = p.add_mutually_exclusive_group()

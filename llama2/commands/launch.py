@@ -7,8 +7,8 @@ Examples:
   llama2 launch --nproc 2 --dry-run -- pretrain ...     # print the msrun command only
 
 It runs `msrun --worker_num NNODES*NPROC --local_worker_num NPROC --master_addr A --master_port P --node_rank R
---log_dir DIR --join True <llama2 entry> COMMAND ...` with this interpreter first on PATH (msrun starts workers
-with `python`). Worker logs: DIR/worker_<rank>.log, scheduler: DIR/scheduler.log.
+--log_dir DIR --join True python -m llama2 COMMAND ...` with this interpreter's folder first on PATH (msrun starts
+every worker with that command). Worker logs: DIR/worker_<rank>.log, scheduler: DIR/scheduler.log.
 """
 
 from __future__ import annotations
@@ -52,8 +52,13 @@ def msrun_command(args: argparse.Namespace, env: dict[str, str] | None = None) -
         raise ValueError(f"--node-rank {node_rank} must be in [0, {args.nnodes})")
     addr = args.master_addr or env.get("MASTER_ADDR", "127.0.0.1")
     port = args.master_port or int(env.get("MASTER_PORT", "8118"))
-    msrun = shutil.which("msrun", path=str(Path(sys.executable).parent)) or shutil.which("msrun") or "msrun"
-    entry = str(Path(__file__).resolve().parents[1] / "__main__.py")  # msrun runs `python <script> ...`
+    bin_dir = Path(sys.executable).parent
+    msrun = shutil.which("msrun", path=str(bin_dir)) or shutil.which("msrun") or "msrun"
+    # msrun runs `python <script> ARGS`, or the command as given when it starts with python/python3 (found on PATH,
+    # where `run` puts this interpreter's folder first). `-m llama2` rather than llama2/__main__.py as the script:
+    # a script puts its own folder (the package) first on sys.path, where llama2/data, llama2/metrics, ... would
+    # shadow top-level modules of the same names.
+    python = "python" if (bin_dir / "python").exists() or not (bin_dir / "python3").exists() else "python3"
     return [
         msrun,
         "--worker_num", str(args.nproc * args.nnodes),
@@ -64,7 +69,7 @@ def msrun_command(args: argparse.Namespace, env: dict[str, str] | None = None) -
         "--log_dir", str(args.log_dir),
         "--cluster_time_out", str(args.cluster_time_out),
         "--join", "True",
-        entry,
+        python, "-m", "llama2",
         *rest,
     ]  # fmt: skip
 

@@ -4,7 +4,7 @@ The human turn is Stanford Alpaca's prompt with the instruction (and the input, 
 alpaca_converter.py builds it; the gpt turn is the output. Malformed records are skipped and listed with their
 index (or, with --strict, the first one is an error). A report is printed and written to OUTPUT.report.json.
 
-With --tokenizer and --seq-length and an output ending in .mindrecord or .npz, the conversations are also
+With --tokenizer and --seq-length and an output ending in .mindrecord, .npy or .npz, the conversations are also
 tokenized into SFT samples in the same step (what `llama2 prepare sft` does with the converted file).
 """
 
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="alpaca_data.json (JSON array or JSON Lines)")
     parser.add_argument("--output", required=True, help="output conversation JSON, e.g. alpaca-conversation.json")
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed record")
-    parser.add_argument("--tokenizer", help="tokenize too (needs --seq-length and a .mindrecord/.npz output)")
+    parser.add_argument("--tokenizer", help="tokenize too (needs --seq-length and a .mindrecord/.npy/.npz output)")
     parser.add_argument("--seq-length", type=int, help="positions trained per sample when tokenizing (N + 1 stored)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -52,7 +52,7 @@ def _tokenized(args: argparse.Namespace) -> int:
     if not (args.tokenizer and args.seq_length):
         raise ValueError("tokenizing needs both --tokenizer and --seq-length")
     if args.output.lower().endswith((".json", ".jsonl")):
-        raise ValueError(f"{args.output}: with --tokenizer the output is SFT records (.mindrecord or .npz)")
+        raise ValueError(f"{args.output}: with --tokenizer the output is SFT records (.mindrecord, .npy or .npz)")
     if args.strict:
         alpaca_to_conversations(read_json_records(args.input), errors="raise", source=args.input)
     report = prepare_sft(args.input, args.tokenizer, args.seq_length, args.output, progress=not args.no_progress)

@@ -3,8 +3,8 @@
 Each sample is seq_length + 1 tokens: BOS + the fastchat-rendered conversation (vicuna_v1.1 by default), padded
 on the right. Columns: input_ids and labels (the seed's `qa` mode); labels are -100 on the system text, user
 turns, role tags and padding, and equal the ids on each reply and its `</s>`. Output format from the suffix:
-.mindrecord (the seed's) or .npz (numpy). A report (truncated / dropped / unusable records with their index) is
-printed and written to OUTPUT.report.json.
+.mindrecord (the seed's), .npy (one structured array, fields input_ids and labels) or .npz. A report
+(truncated / dropped / unusable records with their index) is printed and written to OUTPUT.report.json.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import argparse
 import json
 
 PREPARE = "sft"
-HELP = "conversations JSON -> SFT samples with input_ids and labels (MindRecord or npz)"
+HELP = "conversations JSON -> SFT samples with input_ids and labels (MindRecord, npy or npz)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="conversation JSON (llama2 prepare alpaca) or Alpaca JSON")
     parser.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model (or its folder)")
     parser.add_argument("--seq-length", type=int, required=True, help="positions trained per sample (N + 1 stored)")
-    parser.add_argument("--output", required=True, help="output .mindrecord or .npz")
-    parser.add_argument("--format", dest="fmt", choices=["mindrecord", "npz"], help="default: from --output")
+    parser.add_argument("--output", required=True, help="output .mindrecord, .npy or .npz")
+    parser.add_argument("--format", dest="fmt", choices=["mindrecord", "npy", "npz"], help="default: from --output")
     parser.add_argument("--template", default="vicuna_v1.1", help="fastchat conversation template")
     parser.add_argument("--system", default=None, help="replace the template's system message")
     parser.add_argument("--pad-id", type=int, default=None, help="padding id (default: the tokenizer's, 0)")

@@ -293,10 +293,22 @@ def merge(
     **options: Any,
 ) -> Path:
     """Join a distributed checkpoint (or a run dir's newest one) into one checkpoint in `fmt` (default HF dir)."""
+    from safetensors import safe_open
+
     from llama2.core.formats import save_checkpoint
 
     src = find_distributed(path)
     strategy, ranks = read_strategy(src)
+    unknown: list[str] = []
+    for stage in range(strategy.parallel.pipeline_stage):
+        with safe_open(str(ranks[strategy.rank_of(0, stage, 0)] / MODEL_FILE), framework="numpy") as f:
+            unknown += [n for n in f.keys() if n not in strategy.params]
+    if unknown:
+        raise ValueError(
+            f"{src}: holds tensors that are not parameters of the model ({sorted(unknown)[:3]}): the adapter-only "
+            "checkpoint of a `finetune --method lora/prefix` run; use the run's adapter/ folder (`llama2 merge-lora` "
+            "folds it into the base model), or read the parts with llama2.core.dist_checkpoint.merged_tensors"
+        )
     tok = ranks[0] / TOKENIZER_FILE
     if tok.is_file() and fmt != "llama2c":
         options.setdefault("tokenizer_path", tok)

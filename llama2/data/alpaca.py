@@ -45,10 +45,10 @@ PROMPT_NO_INPUT = (
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the field's name in the data
     """The human turn for one record: instruction and input joined as the seed does."""
-    # str.replace, not str.format: braces inside the data must stay literal (format_map does the same).
+    # format_map, as the seed: the values are inserted once, so braces (even "{input}") in the data stay literal.
     if input != "":
-        return PROMPT_INPUT.replace("{instruction}", instruction, 1).replace("{input}", input, 1)
-    return PROMPT_NO_INPUT.replace("{instruction}", instruction, 1)
+        return PROMPT_INPUT.format_map({"instruction": instruction, "input": input})
+    return PROMPT_NO_INPUT.format_map({"instruction": instruction})
 
 
 def check_alpaca_record(record: Any) -> str | None:

@@ -36,13 +36,16 @@ class MindSporeBackend(Backend):
 
     def build(self, graph: Llama, options: RuntimeOptions | None = None):
         """Lower `graph` into cells on the device of `options` (weights zero until set or initialized)."""
+        import attrs
+
         from llama2.backends.mindspore.device import configure
+        from llama2.backends.mindspore.parallel import init_from_env, msrun_device_id
         from llama2.backends.mindspore.runtime import MindSporeRuntime
 
         options = options or RuntimeOptions()
+        # under msrun on GPU/Ascend: worker i takes device DEVICE_ID=i (its local rank) unless one is given
+        options = attrs.evolve(options, device_id=msrun_device_id(options.device, options.device_id))
         compute_dtype = configure(options)
-        from llama2.backends.mindspore.parallel import init_from_env
-
         init_from_env()  # under msrun: join the process group (data parallel); a no-op otherwise
         net = self.lower(graph)
         net.set_train(False)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import mindspore as ms
 import numpy as np
 
@@ -30,14 +33,16 @@ def device_available(device: str) -> bool:
 
 def _warm_up() -> None:
     # MindSpore wheels built against NumPy 1.x fail once, on the first op with a Python scalar, when NumPy 2 is
-    # installed (a lazy numpy.core import raises and leaves an error set); every later call works. Absorb it here.
+    # installed (a lazy numpy.core import raises and leaves an error set); every later call works. Absorb it here,
+    # together with the long message NumPy writes to sys.stderr about it (harmless here, alarming to users).
     global _warmed
     if _warmed:
         return
     _warmed = True
     x = ms.Tensor(np.ones(1, np.float32))
     try:
-        ms.ops.add(x, 1)
+        with contextlib.redirect_stderr(io.StringIO()):
+            ms.ops.add(x, 1)
     except (SystemError, ImportError):
         pass
 

@@ -6,7 +6,8 @@ the gradients and token counts of all ranks with AllReduce before dividing (a ma
 ParallelMode.DATA_PARALLEL, so PyNative + `mindspore.jit` work unchanged on CPU), which makes N ranks with
 disjoint data step exactly like one process with the global batch. Every rank starts from the same weights
 (same seed or the same checkpoint). msrun also runs the command once as its scheduler (MS_ROLE=MS_SCHED): that
-process stops inside `init()`, before it could write anything.
+process stops inside `init()`, before it could write anything. On GPU/Ascend each worker takes device
+`DEVICE_ID` (msrun exports the local rank) unless a device id other than 0 is given (`msrun_device_id`).
 
 Model / pipeline parallel: `configure_parallel` turns the backend-neutral `ParallelStrategy`
 (`llama2.core.parallel.derive_strategy`) into MindSpore semi-auto parallel settings from outside the model math:
@@ -25,12 +26,27 @@ import attrs
 from llama2.core.parallel import COLUMN, ROW, VOCAB, ParallelStrategy
 from llama2.core.train_config import ParallelConfig
 
-__all__ = ["under_msrun", "init_from_env", "CellPlan", "cell_shard_plan", "configure_parallel"]
+__all__ = ["under_msrun", "msrun_device_id", "init_from_env", "CellPlan", "cell_shard_plan", "configure_parallel"]
 
 
 def under_msrun() -> bool:
     """True in a process started by msrun (its dynamic-cluster variables are set)."""
     return "MS_ROLE" in os.environ and "MS_SCHED_PORT" in os.environ
+
+
+def msrun_device_id(device: str, device_id: int) -> int:
+    """The device id a process should use: msrun's DEVICE_ID (the worker's local rank) on GPU/Ascend when
+    `device_id` is left at its default 0, else `device_id` unchanged (always on CPU, and outside msrun)."""
+    if device == "cpu" or device_id != 0 or not under_msrun() or "DEVICE_ID" not in os.environ:
+        return device_id
+    value = os.environ["DEVICE_ID"]
+    try:
+        local = int(value)
+    except ValueError:
+        raise ValueError(f"msrun's DEVICE_ID environment variable must be an integer, got {value!r}") from None
+    if local < 0:
+        raise ValueError(f"msrun's DEVICE_ID environment variable must be >= 0, got {local}")
+    return local
 
 
 def init_from_env() -> tuple[int, int]:
@@ -51,7 +67,16 @@ def init_from_env() -> tuple[int, int]:
                 f"{os.environ.get('MS_SCHED_HOST')}, MS_SCHED_PORT={os.environ.get('MS_SCHED_PORT')}, "
                 f"MS_WORKER_NUM={os.environ.get('MS_WORKER_NUM')}): {exc}"
             ) from exc
-    return int(get_rank()), int(get_group_size())
+    rank, world = int(get_rank()), int(get_group_size())
+    env_rank = os.environ.get("RANK_ID")
+    if under_msrun() and env_rank is not None and env_rank.strip().isdigit() and int(env_rank) != rank:
+        # the trainer slices the data by RANK_ID: a stale one (msrun on several nodes without --node_rank lets
+        # MindSpore pick the ranks and leaves RANK_ID unset or inherited) would make ranks read the same samples
+        raise RuntimeError(
+            f"MindSpore assigned this process rank {rank} but RANK_ID={env_rank}; on several nodes pass msrun "
+            "--node_rank (llama2 launch --node-rank / $NODE_RANK does) so that every worker's RANK_ID is its rank"
+        )
+    return rank, world
 
 
 @attrs.frozen

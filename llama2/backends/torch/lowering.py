@@ -255,10 +255,16 @@ class TorchLlama(nn.Module):
         mask: torch.Tensor,
         cache: KVCache | None = None,
         start: int = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """ids, positions: int64 (b, t); mask: bool (b, t, S). Returns logits (b, t, vocab)."""
+        """ids, positions: int64 (b, t); mask: bool (b, t, S). Logits (b, t, vocab), or (b, 1, vocab) if last_only.
+
+        last_only skips the output projection of every position but the last (a prompt's prefill needs only that).
+        """
         ctx = Context(cos=self.rope_cos[positions], sin=self.rope_sin[positions], mask=mask, cache=cache, start=start)
         h = self.model(ids, ctx)
+        if last_only:
+            h = h[:, -1:]
         if self.lm_head is None:  # tied: the output projection is the embedding matrix
             return F.linear(h, self.model.embed_tokens.weight.to(h.dtype))
         return self.lm_head(h)

@@ -192,9 +192,7 @@ class TorchRuntime(Runtime):
             kv = self._tensor(np.asarray(kv_mask)[:, :end], torch.bool)
             mask = causal_mask(kv, t, start)
             with self.autocast():
-                out = self.net(self._tensor(ids), self._tensor(positions), mask, cache, start)
-            if last_only:
-                out = out[:, -1:]
+                out = self.net(self._tensor(ids), self._tensor(positions), mask, cache, start, last_only)
             return out.float().cpu().numpy()
 
     def describe(self) -> dict:
