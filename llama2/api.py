@@ -48,9 +48,11 @@ def _run_checkpoint(path: Path) -> Path | None:
     """The latest checkpoint when `path` is a training run directory, else None."""
     if not (path.is_dir() and (path / "checkpoints").is_dir()):
         return None
+    import warnings
+
     from llama2.core.run_dir import latest_checkpoint
 
-    return latest_checkpoint(path)
+    return latest_checkpoint(path, on_skip=lambda msg: warnings.warn(f"{path}: {msg}", stacklevel=3))
 
 
 def _attach_adapters(model: Model, path: Path) -> None:

@@ -9,8 +9,9 @@ The metric's `feed` (see llama2.metrics.base) decides how the model is driven:
   Options: seq_length, stride, batch_size, format ("auto", "rows", "text"), add_bos, progress.
 - "generation" (squad): data is a prepared SQuAD JSONL (`llama2 prepare squad`) or the raw dev-v1.1.json(.zip)
   (prepared in memory with `max_length`, default the model's max_seq_len). Greedy answers, post-processed by
-  llama2.metrics.squad.postprocess. Options: limit, batch_size, max_new_tokens, max_length, predictions_out,
-  progress.
+  llama2.metrics.squad.postprocess. Options: limit, batch_size, max_new_tokens, max_length, progress, and
+  predictions_out: where the official {id: answer} JSON goes (default `squad_predictions.json` in the current
+  directory; None writes nothing).
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from llama2.core.atomic import write_json
 from llama2.metrics.base import Metric, TokenWindow, batch_windows, create_metric, row_windows, sliding_windows
 
 __all__ = ["evaluate", "token_windows", "run_token_metric", "run_generation_metric"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PREDICTIONS = "squad_predictions.json"
 
 TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".text")
 _TOKEN_OPTIONS = {"seq_length", "stride", "batch_size", "format", "add_bos", "progress"}
@@ -216,10 +220,10 @@ def run_generation_metric(
     batch_size: int = 1,
     max_new_tokens: int = 32,
     max_length: int | None = None,
-    predictions_out: str | os.PathLike[str] | None = None,
+    predictions_out: str | os.PathLike[str] | None = DEFAULT_PREDICTIONS,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Greedy answers for every sample, scored by `metric`; optionally writes {id: answer} JSON."""
+    """Greedy answers for every sample, scored by `metric`; writes {id: answer} JSON to `predictions_out`."""
     from llama2.data.squad import build_samples, is_prepared, load_squad, read_prepared
     from llama2.metrics.squad import postprocess
 
@@ -261,9 +265,11 @@ def run_generation_metric(
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    result = metric.compute()
     if predictions_out is not None:
-        _write_json(Path(predictions_out), predictions)
-    return metric.compute()
+        write_json(predictions_out, predictions)
+        log.info("wrote %d predictions to %s", len(predictions), predictions_out)
+    return result
 
 
 def _check_prompt_lengths(model: Any, samples: Sequence[dict[str, Any]], max_new_tokens: int) -> None:
@@ -295,12 +301,3 @@ def _generate(model: Any, chunk: Sequence[dict[str, Any]], max_new_tokens: int) 
         )
         return [tok.decode(ids) for ids in out]
     return model.generate([s["prompt"] for s in chunk], max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)

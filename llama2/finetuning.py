@@ -240,7 +240,11 @@ def finetune(
         tokenizer_file=tok_file,
         progress=progress,
         log=log,
-        extra_state={"finetune": {"method": method, "adapter": None if adapter is None else adapter.describe()}},
+        extra_state={
+            "finetune": {"method": method, "adapter": None if adapter is None else adapter.describe()},
+            "backend": tuned.runtime.backend_name,
+            "mode": tuned.runtime.options.mode,
+        },
         partial_names=None if adapter is None else adapter.names,
         **trainer_kwargs,
     )

@@ -315,3 +315,5 @@ def test_cli_finetune_from_a_yaml_file_on_torch(tmp_path):
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())["adapters"][0]
     assert cfg["name"] == "lora" and cfg["config"]["r"] == 4 and cfg["config"]["targets"] == ["q_proj", "v_proj"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    state = json.loads(next((out / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert state["backend"] == "torch" and state["finetune"]["method"] == "lora"

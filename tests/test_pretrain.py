@@ -53,6 +53,11 @@ def test_resume_equals_uninterrupted_and_corrupt_fallback(tmp_path, backend: str
     got = _losses(part)
     assert len(got) == 6
     np.testing.assert_allclose(got, ref, rtol=1e-5)
+    # loading a run whose newest checkpoint is corrupt also falls back, with a warning naming it
+    newest = sorted((full / "checkpoints").iterdir())[-1]
+    (newest / "model.safetensors").write_bytes(b"")
+    with pytest.warns(UserWarning, match=f"{newest.name} is corrupt"):
+        llama2.load(full, backend=backend)
 
 
 def test_yaml_cli_plot_load_evaluate(tmp_path, capsys) -> None:

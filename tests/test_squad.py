@@ -294,6 +294,16 @@ class OracleModel:
         return out
 
 
+def test_predictions_written_by_default(tmp_path, dev, llama_tok, monkeypatch) -> None:
+    samples, _ = build_samples(dev, llama_tok, 1024, limit=3)
+    model = OracleModel(llama_tok, [(s["input_ids"], s["answers"][0]) for s in samples])
+    monkeypatch.chdir(tmp_path)
+    out = evaluate(model, "squad", data=samples, progress=False)
+    assert out == {"exact_match": 100.0, "f1": 100.0, "total": 3}
+    preds = json.loads((tmp_path / "squad_predictions.json").read_text())
+    assert preds == {s["id"]: s["answers"][0] for s in samples}
+
+
 def test_generation_pipeline_with_oracle(tmp_path, dev, llama_tok) -> None:
     samples, _ = build_samples(dev, llama_tok, 1024, limit=30)
     model = OracleModel(llama_tok, [(s["input_ids"], s["answers"][-1]) for s in samples])

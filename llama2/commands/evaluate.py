@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 COMMAND = "evaluate"
@@ -29,7 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="squad: only the first N questions")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="squad: answer length (default 32)")
     parser.add_argument("--max-length", type=int, default=None, help="squad on raw JSON: prompt+answer tokens")
-    parser.add_argument("--predictions-out", default=None, help="squad: write {id: answer} JSON here")
+    parser.add_argument(
+        "--predictions-out",
+        default=None,
+        help="squad: write the official {id: answer} JSON here (default squad_predictions.json)",
+    )
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="extra metric option (YAML value)"
     )
@@ -57,11 +62,15 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from llama2.api import load
-    from llama2.evaluation import evaluate
+    from llama2.evaluation import DEFAULT_PREDICTIONS, evaluate
+    from llama2.metrics.base import create_metric
 
     runtime_options = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
     model = load(args.model, backend=args.backend, tokenizer=args.tokenizer, **runtime_options)
-    result = evaluate(model, args.metric, data=args.data, **_options(args))
+    options = _options(args)
+    result = evaluate(model, args.metric, data=args.data, **options)
+    if create_metric(args.metric).feed == "generation":
+        print(f"predictions: {options.get('predictions_out', DEFAULT_PREDICTIONS)}", file=sys.stderr)
     if args.json:
         print(json.dumps({"metric": args.metric, **result}))
     else:

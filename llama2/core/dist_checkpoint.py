@@ -16,7 +16,6 @@ never touch each other's files.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from llama2.core.atomic import atomic_dir
 from llama2.core.config import ModelConfig
 from llama2.core.parallel import ParallelStrategy, ParamShard, derive_strategy
 from llama2.core.train_config import ParallelConfig
@@ -96,10 +96,7 @@ def save_rank_part(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"rank_{rank}"
-    tmp = out_dir / f".rank_{rank}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(final, overwrite=True) as tmp:
         part = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in rank_part(tensors, strategy, rank)}
         save_file(part, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         del part
@@ -111,16 +108,6 @@ def save_rank_part(
         meta = {"rank": rank, "strategy": strategy.to_dict(), **(extra or {})}
         meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / STRATEGY_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        if final.exists():
-            old = out_dir / f".rank_{rank}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

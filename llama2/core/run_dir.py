@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from llama2.core.atomic import atomic_dir
 from llama2.core.config import ModelConfig
 
 __all__ = [
@@ -188,11 +189,8 @@ def save_checkpoint(
     root = _ckpt_root(Path(run_dir))
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_dir_name(step)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    # re-saving a step after a resume replaces the old dir
+    with atomic_dir(final, overwrite=True) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_json or config.to_hf(), indent=2) + "\n", encoding="utf-8")
         weights = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in tensors}
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
@@ -210,16 +208,6 @@ def save_checkpoint(
             p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file() and p.name != STATE_FILE
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if final.exists():  # re-saving a step after a resume: move the old one aside first
-            old = root / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return final

@@ -4,8 +4,6 @@ helpers and atomic file/directory writing."""
 from __future__ import annotations
 
 import abc
-import contextlib
-import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -14,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from llama2.core.atomic import atomic_dir, atomic_file  # noqa: F401  (re-exported for the formats)
 from llama2.core.config import ModelConfig
 from llama2.core.graph import build_graph, named_params
 
@@ -229,49 +228,6 @@ def parse_size(size: int | str) -> int:
     base = 1024 if "I" in unit else 1000
     power = "BKMGT".index(unit[0]) if unit[0] != "B" else 0
     return int(float(m.group(1)) * base**power)
-
-
-# ---- atomic writing -----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces `path` when the block succeeds (removed on failure)."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{path} already exists and is not empty (pass overwrite=True / --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
-    elif path.is_dir():
-        path.rmdir()
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling file name that replaces `path` when the block succeeds (removed on failure)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True / --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def read_exact(f: Any, n: int, what: str, source: str) -> bytes:
