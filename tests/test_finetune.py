@@ -98,10 +98,10 @@ def test_full_finetune_on_alpaca_json_lowers_the_loss(tok, alpaca, samples, tmp_
 def test_lora_trains_only_the_adapter_and_saves_only_it(tok, samples, tmp_path):
     from safetensors.numpy import load_file
 
-    from llama2.data.sft import write_sft_npy
+    from llama2.data.records import write_records
     from llama2.peft import adapter_params, load_adapter
 
-    data = write_sft_npy(tmp_path / "sft.npy", samples)  # the .npy layout of `llama2 prepare sft`
+    data = write_records(tmp_path / "sft.npy", samples)  # the .npy layout of `llama2 prepare sft`
     model = create(CFG, tokenizer=tok, seed=0)
     base = weights(model)
     before = probe_loss(model, samples)

@@ -64,7 +64,7 @@ def test_pack_wikitext_rows_and_empty_input() -> None:
 @pytest.mark.parametrize("suffix", [".mindrecord", ".npy", ".npz"])
 def test_records_roundtrip_deterministic_atomic(tmp_path, suffix: str) -> None:
     rows = np.random.default_rng(0).integers(0, 32000, size=(7, 9)).astype(np.int32)
-    cols = {"input_ids": rows} if suffix == ".npy" else {"input_ids": rows, "labels": rows[:, ::-1].copy()}
+    cols = {"input_ids": rows, "labels": rows[:, ::-1].copy()}
     path = write_records(tmp_path / f"data{suffix}", cols)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     write_records(path, cols)  # same rows, same file name -> byte-identical

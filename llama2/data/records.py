@@ -5,7 +5,9 @@ registered in `llama2.core.registry.DATA_FORMATS`:
 
 - ``mindrecord``: `mindspore.mindrecord.FileWriter` with the schema ``{column: {"type": "int32", "shape": [-1]}}``
   (what MindFormers' llama_preprocess.py writes), plus its `.db` index beside it. Rows may differ in length.
-- ``npy``: one 2-D int32 array (rows, tokens) for the single column `input_ids`.
+- ``npy``: one 2-D int32 array (rows, tokens) for the single column `input_ids`; several equal-shape columns
+  (e.g. SFT's `input_ids` + `labels`) as one structured array with an int32 field per column, so
+  ``np.load(path)["labels"]`` is the (rows, tokens) label array.
 - ``npz``: several equal-shape 2-D int32 columns (`np.savez`, uncompressed).
 
 Writes are atomic: the files are written under a temporary directory next to the target (with the final base
@@ -121,12 +123,27 @@ class NpyFormat(RecordFormat):
     suffixes = (".npy",)
 
     def write(self, path: Path, columns: dict[str, Any], description: str = "") -> None:
-        if set(columns) != {"input_ids"}:
-            raise ValueError(f"the npy format holds only 'input_ids'; got columns {sorted(columns)} (use npz)")
-        np.save(path, _stack("input_ids", columns["input_ids"]), allow_pickle=False)
+        arrays = {c: _stack(c, rows) for c, rows in columns.items()}
+        if list(arrays) == ["input_ids"]:
+            table = arrays["input_ids"]
+        else:
+            shapes = {a.shape for a in arrays.values()}
+            if len(shapes) != 1:
+                raise ValueError(f"{path}: npy columns must share one shape, got {sorted(shapes)}")
+            n, width = shapes.pop()
+            table = np.empty(n, dtype=np.dtype([(c, "<i4", (width,)) for c in arrays]))
+            for c, a in arrays.items():
+                table[c] = a
+        with open(path, "wb") as f:  # np.save on a path would append .npy to the temporary name
+            np.save(f, table, allow_pickle=False)
 
     def read(self, path: Path) -> dict[str, np.ndarray]:
-        arr = np.load(path, allow_pickle=False)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read as npy ({exc})") from None
+        if arr.dtype.names:
+            return {c: np.ascontiguousarray(arr[c], np.int32) for c in arr.dtype.names}
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"{path}: expected a 2-D integer array (rows, tokens), got {arr.dtype} {arr.shape}")
         return {"input_ids": arr}

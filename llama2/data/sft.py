@@ -50,7 +50,6 @@ __all__ = [
     "load_conversations",
     "prepare_sft",
     "read_sft",
-    "write_sft_npy",
 ]
 
 DEFAULT_TEMPLATE = "vicuna_v1.1"
@@ -322,7 +321,7 @@ def prepare_sft(
     """Tokenize a conversation (or Alpaca) file into a records file with columns input_ids and labels.
 
     The format follows `fmt` or the output suffix: `.mindrecord` (the seed's), `.npy` (one structured numpy array,
-    fields input_ids and labels, see `write_sft_npy`) or `.npz`. A report is written beside it as
+    fields input_ids and labels, see `llama2.data.records`) or `.npz`. A report is written beside it as
     OUTPUT.report.json. Raises ValueError when no sample is left.
     """
     from llama2.data.alpaca import write_json_atomic
@@ -345,55 +344,18 @@ def prepare_sft(
     report.records += len(problems)
     if report.samples == 0:
         raise ValueError(f"{input_path}: no usable sample ({report.summary()})")
-    if writer.name == "npy":
-        write_sft_npy(out, columns)
-    else:
-        write_records(out, columns, fmt=writer.name, description=f"llama2 sft {template} seq_length={seq_length}")
+    write_records(out, columns, fmt=writer.name, description=f"llama2 sft {template} seq_length={seq_length}")
     write_json_atomic(out.with_name(out.name + ".report.json"), report.to_dict())
     return report
 
 
-def write_sft_npy(path: str | os.PathLike[str], columns: dict[str, np.ndarray]) -> Path:
-    """Write SFT columns as one `.npy` file (atomically): a structured array with one record per sample and one
-    int32 field per column, so `np.load(path)["labels"]` is the (n, seq_length + 1) label array."""
-    p = Path(path)
-    names = list(columns)
-    arrays = [np.asarray(columns[c], np.int32) for c in names]
-    if any(a.ndim != 2 or a.shape != arrays[0].shape for a in arrays):
-        raise ValueError(f"{p}: columns must be 2-D arrays of one shape, got {[a.shape for a in arrays]}")
-    n, width = arrays[0].shape
-    table = np.empty(n, dtype=np.dtype([(c, "<i4", (width,)) for c in names]))
-    for c, a in zip(names, arrays):
-        table[c] = a
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.save on a path would append ".npy" to the temporary name
-            np.save(f, table, allow_pickle=False)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
-
-
 def read_sft(path: str | os.PathLike[str], fmt: str | None = None) -> dict[str, np.ndarray]:
     """{"input_ids", "labels"} of a file written by `prepare_sft` (2-D int32 arrays): .mindrecord, .npz, or a
-    structured .npy (`write_sft_npy`); a plain 2-D .npy gives input_ids only."""
-    from llama2.data.records import detect_format, read_columns
+    structured .npy; a plain 2-D .npy gives input_ids only."""
+    from llama2.data.records import read_columns
 
     p = Path(path)
-    if p.is_file() and detect_format(p, fmt).name == "npy":
-        try:
-            table = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{p}: cannot read as npy ({exc})") from None
-        if table.dtype.names:
-            cols = {c: np.ascontiguousarray(table[c], np.int32) for c in table.dtype.names}
-        else:
-            cols = read_columns(p, fmt)
-    else:
-        cols = read_columns(p, fmt)
+    cols = read_columns(p, fmt)
     if "input_ids" not in cols:
         raise ValueError(f"{p}: no 'input_ids' column (found {sorted(cols)})")
     return cols
