@@ -77,17 +77,38 @@ def finetune(model: Model | str | Path, **kwargs: Any) -> Model:
     return _finetune(model, **kwargs)
 
 
+def _split_load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options for `load`, the rest): backend, tokenizer, fmt and the RuntimeOptions fields except `seed` (which
+    stays with the caller's options: a sampling seed for generation; loaded weights need no init seed)."""
+    import attrs
+
+    from llama2.core.backend import RuntimeOptions
+
+    keys = {"backend", "tokenizer", "fmt"} | {f.name for f in attrs.fields(RuntimeOptions)} - {"seed"}
+    load_kw = {k: v for k, v in kwargs.items() if k in keys}
+    rest = {k: v for k, v in kwargs.items() if k not in keys}
+    return load_kw, rest
+
+
 def evaluate(model: Model | str | Path, metric: str, **kwargs: Any) -> dict[str, float]:
-    """Evaluate with a registered metric ("perplexity", "squad", plugins); see `llama2.evaluation.evaluate`."""
+    """Evaluate with a registered metric ("perplexity", "squad", plugins); see `llama2.evaluation.evaluate`.
+
+    With a checkpoint path, `backend`, `tokenizer`, `fmt`, `device`, `dtype`, `mode` and `device_id` go to `load`.
+    """
     from llama2.evaluation import evaluate as _evaluate
 
     if not isinstance(model, Model):
-        model = load(model)
+        load_kw, kwargs = _split_load_options(kwargs)
+        model = load(model, **load_kw)
     return _evaluate(model, metric, **kwargs)
 
 
 def generate(model: Model | str | Path, prompts: str | Sequence[str], **options: Any) -> list[str]:
-    """Continuations of `prompts` (a model or a checkpoint path); options as `Model.generate`."""
+    """Continuations of `prompts` (a model or a checkpoint path); options as `Model.generate`.
+
+    With a checkpoint path, `backend`, `tokenizer`, `fmt`, `device`, `dtype`, `mode` and `device_id` go to `load`.
+    """
     if not isinstance(model, Model):
-        model = load(model)
+        load_kw, options = _split_load_options(options)
+        model = load(model, **load_kw)
     return model.generate(prompts, **options)

@@ -229,8 +229,9 @@ def finetune(
     trainer_kwargs: dict[str, Any] = {}
     if adapter is not None:
         trainer_kwargs["model_tensors"] = adapter.tensors
-        trainer_kwargs["on_save"] = adapter.save
-    trainer = _FinetuneTrainer(
+        trainer_kwargs["checkpoint_names"] = adapter.names  # resume loads exactly the adapter's tensors
+        trainer_kwargs["on_save"] = adapter.write_files
+    trainer = Trainer(
         tuned.runtime,
         train,
         dataset,
@@ -245,7 +246,6 @@ def finetune(
             "backend": tuned.runtime.backend_name,
             "mode": tuned.runtime.options.mode,
         },
-        partial_names=None if adapter is None else adapter.names,
         **trainer_kwargs,
     )
     if resume:
@@ -263,38 +263,6 @@ def finetune(
     if adapter is not None and rank == 0:
         adapter.save(out_dir / ADAPTER_DIR)
     return tuned
-
-
-class _FinetuneTrainer(Trainer):
-    """The Trainer, resuming adapter runs from checkpoints that hold only the adapter's tensors."""
-
-    def __init__(self, *args: Any, partial_names: list[str] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.partial_names = partial_names
-
-    def _load(self, path: Path) -> None:
-        if self.partial_names is None:
-            return super()._load(path)
-        rt = self.runtime
-        full_load = rt.load_state
-        wanted = set(self.partial_names)
-
-        def load_adapter_only(items: Any, *, strict: bool = True, source: str = "") -> None:
-            items = list(items)
-            given = {n for n, _ in items}
-            if given != wanted:
-                missing, extra = sorted(wanted - given), sorted(given - wanted)
-                raise rd.CheckpointError(
-                    f"{source}: holds adapter tensors {sorted(given)[:3]}..., expected exactly the adapter's "
-                    f"(missing {missing[:3]}, unexpected {extra[:3]})"
-                )
-            full_load(items, strict=False, source=source)
-
-        rt.load_state = load_adapter_only  # type: ignore[method-assign]
-        try:
-            super()._load(path)
-        finally:
-            del rt.load_state
 
 
 def _attached(model: Model) -> dict[str, Any]:
@@ -321,9 +289,16 @@ class _Adapter:
             yield name, rt.get_param(name)
 
     def save(self, directory: Path) -> None:
+        """OUT_DIR/adapter, written atomically as a whole."""
         from llama2.peft import save_adapter
 
         save_adapter(self.model, directory)
+
+    def write_files(self, directory: Path) -> None:
+        """The adapter's files inside a checkpoint being written (its temporary dir)."""
+        from llama2.peft.io import write_adapter_files
+
+        write_adapter_files(self.model, directory)
 
     def describe(self) -> dict[str, Any]:
         cfg = _attached(self.model)[self.method]

@@ -357,3 +357,87 @@ def test_cli_pretrain_finetune_evaluate_on_torch(tmp_path, capsys, monkeypatch):
     )
     assert got["tokens"] == ref["tokens"] == 8 * 16
     assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+
+
+# ---- torchrun device choice and decode argument checks (torch) ----------------------------------------------------
+@pytest.mark.parametrize(
+    "env, device, device_id, expected",
+    [
+        ({"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, "gpu", 0, 3),  # torchrun rank on cuda:LOCAL_RANK
+        ({"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, "cuda", 0, 3),
+        ({"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, "gpu", 1, 1),  # an explicit device id wins
+        ({"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, "cpu", 0, 0),  # CPU has no device ids
+        ({"WORLD_SIZE": "1", "LOCAL_RANK": "3"}, "gpu", 0, 0),  # a single process keeps cuda:0
+        ({}, "gpu", 0, 0),
+    ],
+)
+def test_torchrun_device_id(monkeypatch, env, device, device_id, expected):
+    pytest.importorskip("torch")
+    from llama2.backends.torch.distributed import torchrun_device_id
+
+    for key in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert torchrun_device_id(device, device_id) == expected
+
+
+def test_torchrun_device_id_bad_local_rank(monkeypatch):
+    pytest.importorskip("torch")
+    from llama2.backends.torch.distributed import torchrun_device_id
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        torchrun_device_id("gpu", 0)
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(RuntimeError, match="LOCAL_RANK is unset"):
+        torchrun_device_id("gpu", 0)
+
+
+def test_torch_build_places_torchrun_rank_on_its_local_gpu(monkeypatch):
+    """TorchBackend.build resolves the device from the options after the LOCAL_RANK mapping (checked without a GPU:
+    the device resolution is intercepted before anything is allocated)."""
+    _backend("torch")
+    import llama2.backends.torch.runtime as rt
+    from llama2.core.backend import RuntimeOptions
+    from llama2.core.graph import build_graph
+
+    seen: list[RuntimeOptions] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_resolve(options):
+        seen.append(options)
+        raise Stop
+
+    monkeypatch.setattr(rt, "resolve_device", fake_resolve)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    graph = build_graph(ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=VOCAB, hidden_dim=64, max_seq_len=32))
+    for options, expected in ((RuntimeOptions(device="gpu"), 1), (RuntimeOptions(device="gpu", device_id=5), 5)):
+        with pytest.raises(Stop):
+            BACKENDS.get("torch").build(graph, options)
+        assert seen[-1].device_id == expected
+
+
+def test_torch_decode_checks_arguments(loaded):
+    rt = loaded("torch", (4, 2)).runtime
+    cache = rt.new_cache(2, 8)
+    ids = np.ones((2, 1), np.int64)
+    mask = np.ones((2, 8), np.int64)
+    with pytest.raises(ValueError, match="positions must be in \\[0, max_seq_len=32\\)"):
+        rt.decode(cache, ids, np.full((2, 1), 32), mask, 0)
+    with pytest.raises(ValueError, match="positions must be in"):
+        rt.decode(cache, ids, np.full((2, 1), -1), mask, 0)
+    with pytest.raises(ValueError, match="positions shape"):
+        rt.decode(cache, ids, np.zeros((2, 2), np.int64), mask, 0)
+    with pytest.raises(ValueError, match="context overflow"):
+        rt.decode(cache, ids, np.zeros((2, 1), np.int64), mask, 8)
+    with pytest.raises(ValueError, match="batch 1 differs from the cache batch 2"):
+        rt.decode(cache, ids[:1], np.zeros((1, 1), np.int64), mask[:1], 0)
+    with pytest.raises(ValueError, match="kv_mask shape"):
+        rt.decode(cache, ids, np.zeros((2, 1), np.int64), mask[:, :4], 0)
+    out = rt.decode(cache, ids, np.full((2, 1), 31), mask, 0)  # the last position is allowed
+    assert out.shape == (2, 1, VOCAB) and np.isfinite(out).all()

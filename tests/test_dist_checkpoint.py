@@ -120,15 +120,40 @@ def test_adapter_only_parts_merge_to_tensors_not_a_model(tmp_path: Path) -> None
     """A LoRA finetune's rank parts hold only adapter tensors: merged_tensors joins them, merge explains."""
     lora = {"model.layers.0.self_attn.q_proj.lora_A.weight": np.arange(8 * 64, dtype=np.float32).reshape(8, 64)}
     for rank in range(2):
-        dc.save_rank_checkpoint(tmp_path, 2, rank, 2, CFG, lora.items())
+        dc.save_rank_checkpoint(tmp_path, 2, rank, 2, CFG, lora.items(), replicas=True)
     _bits_equal(dict(dc.merged_tensors(tmp_path, check_replicas=True)), lora)
     with pytest.raises(ValueError, match="adapter-only checkpoint"):
         dc.merge(tmp_path, tmp_path / "merged")
 
 
+def test_one_replica_per_slice_is_saved(tmp_path: Path) -> None:
+    """dp 2 x mp 2 x pp 2: only the 4 ranks of data-parallel index 0 write; they merge back bit for bit."""
+    t = _tensors(CFG)
+    par = ParallelConfig(data_parallel=2, model_parallel=2, pipeline_stage=2, micro_batch_num=2)
+    s = derive_strategy(CFG, par)
+    assert dc.saved_ranks(s) == [0, 1, 4, 5] and dc.saved_ranks(s, replicas=True) == list(range(8))
+    opt = {f"exp_avg.{n}": v * 0.5 for n, v in t.items()} | {"step": np.array(2.0, np.float32)}
+    written = [
+        dc.save_rank_checkpoint(tmp_path, 7, r, 8, CFG, t.items(), parallel=par, optimizer_state=opt) for r in range(8)
+    ]
+    assert [w is not None for w in written] == [r in (0, 1, 4, 5) for r in range(8)]
+    step = tmp_path / "distributed" / "step_00000007"
+    assert sorted(p.name for p in step.iterdir()) == ["rank_0", "rank_1", "rank_4", "rank_5"]
+    assert sorted(dc.read_strategy(tmp_path)[1]) == [0, 1, 4, 5]
+    _bits_equal(dict(dc.merged_tensors(tmp_path)), t)
+    assert float(dc.merged_optimizer_state(tmp_path)["step"]) == 2.0
+    with pytest.raises(ValueError, match="holds 1 of 2 data-parallel replicas"):
+        dict(dc.merged_tensors(tmp_path, check_replicas=True))
+    import shutil
+
+    shutil.rmtree(step / "rank_4")
+    with pytest.raises(FileNotFoundError, match="no distributed checkpoint found"):
+        dc.find_distributed(tmp_path)  # incomplete: a saved rank is missing
+
+
 def test_trainer_saves_rank_parts(tmp_path: Path) -> None:
-    """Two ranks simulated in one process (no collectives): each writes its own part under distributed/step_N."""
-    pytest.importorskip("mindspore")
+    """Two data-parallel ranks simulated in one process (no collectives): only rank 0 writes a part (one copy of
+    the weights besides checkpoints/); with save_replicas both do, and --check-replicas compares them."""
     from llama2.core.model import build_runtime
     from llama2.core.train_config import TrainConfig
     from llama2.core.trainer import TrainData, Trainer
@@ -136,14 +161,25 @@ def test_trainer_saves_rank_parts(tmp_path: Path) -> None:
     cfg = ModelConfig.from_preset("tiny", n_layers=1, max_seq_len=16)
     data = TrainData.from_any(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 9)))
     train = TrainConfig(steps=1, batch_size=4, lr=1e-3, keep=1)
-    for rank in (0, 1):
-        rt = build_runtime(cfg, "mindspore", mode="eager")
-        rt.init_weights(0)
-        par = {"parallel_config": ParallelConfig(data_parallel=2).to_dict()}
-        Trainer(rt, train, data, tmp_path, rank=rank, world_size=2, progress=False, extra_state=par).fit()
-    step = tmp_path / "distributed" / "step_00000001"
-    assert dc.find_distributed(tmp_path) == step
-    rank0 = load_file(str(tmp_path / "checkpoints" / "step_00000001" / "model.safetensors"))
-    _bits_equal(dict(dc.merged_tensors(tmp_path)), rank0)
+    par = {"parallel_config": ParallelConfig(data_parallel=2).to_dict()}
+    for replicas, out in ((False, tmp_path / "one"), (True, tmp_path / "both")):
+        for rank in (0, 1):
+            rt = build_runtime(cfg, "torch", mode="eager")
+            rt.init_weights(0)
+            t = Trainer(
+                rt, train, data, out, rank=rank, world_size=2, progress=False, extra_state=par, save_replicas=replicas
+            )
+            t.fit()
+    step = tmp_path / "one" / "distributed" / "step_00000001"
+    assert dc.find_distributed(tmp_path / "one") == step
+    assert sorted(p.name for p in step.iterdir()) == ["rank_0"]
+    rank0 = load_file(str(tmp_path / "one" / "checkpoints" / "step_00000001" / "model.safetensors"))
+    _bits_equal(dict(dc.merged_tensors(tmp_path / "one")), rank0)
+    _bits_equal(load_file(str(step / "rank_0" / "model.safetensors")), rank0)
+    with pytest.raises(ValueError, match="nothing to compare"):
+        dict(dc.merged_tensors(tmp_path / "one", check_replicas=True))
+    both = dc.find_distributed(tmp_path / "both")
+    assert sorted(p.name for p in both.iterdir()) == ["rank_0", "rank_1"]
+    _bits_equal(dict(dc.merged_tensors(both)), rank0)
     with pytest.raises(ValueError, match="replicas 0 and 1"):  # no all-reduce here, so the replicas diverged
-        dict(dc.merged_tensors(tmp_path, check_replicas=True))
+        dict(dc.merged_tensors(both, check_replicas=True))

@@ -187,6 +187,103 @@ def test_lora_resume_continues_exactly(tmp_path):
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
 
 
+def _snapshot(run) -> dict[str, bytes]:
+    """Every file under run/checkpoints (hidden ones too) with its bytes."""
+    root = run / "checkpoints"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_mismatched_resume_raises_and_leaves_checkpoints_untouched(tmp_path):
+    """A config mistake on resume (LoRA r 4 -> 8, other targets, no optimizer state) is an error naming the file and
+    the mismatch, raised before anything is loaded; no checkpoint is renamed, moved or changed."""
+    import llama2.core.run_dir as rd
+    from llama2.peft import adapter_params
+
+    data = _random_sft()
+    opts = dict(method="lora", steps=4, batch_size=2, save_every=1, lr=1e-2, progress=False, log=lambda m: None)
+    run = tmp_path / "run"
+    finetune(tiny(1), data, out_dir=run, stop_after=2, r=4, **opts)
+    before = _snapshot(run)
+    assert sorted({k.split("/")[0] for k in before}) == ["step_00000001", "step_00000002"]
+
+    model = tiny(1)
+    with pytest.raises(rd.ResumeMismatchError) as err:
+        finetune(model, data, out_dir=run, resume=True, r=8, **opts)
+    msg = str(err.value)
+    assert "step_00000002/model.safetensors" in msg and "has shape (4, 64), this run's is (8, 64)" in msg, msg
+    assert "finetune.adapter.config.r: 4 in the checkpoint, 8 now" in msg, msg
+    assert _snapshot(run) == before
+    with pytest.raises(
+        rd.ResumeMismatchError, match=r"model.safetensors: has unexpected tensor.*k_proj.lora_A.*config.targets"
+    ):
+        finetune(tiny(1), data, out_dir=run, resume=True, r=4, targets=["q_proj"], **opts)
+    assert _snapshot(run) == before
+
+    # a checkpoint saved without optimizer state (not recorded as written, so intact) cannot resume exactly
+    newest = run / "checkpoints" / "step_00000002"
+    state = json.loads((newest / "trainer_state.json").read_text())
+    del state["files"]["optimizer.safetensors"]
+    (newest / "trainer_state.json").write_text(json.dumps(state))
+    (newest / "optimizer.safetensors").unlink()
+    with pytest.raises(rd.ResumeMismatchError, match=r"step_00000002/optimizer.safetensors: missing"):
+        finetune(tiny(1), data, out_dir=run, resume=True, r=4, **opts)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+
+    # a truncated (corrupt) newest checkpoint is skipped, left in place, and the previous one resumes
+    (newest / "model.safetensors").write_bytes(b"")
+    msgs: list[str] = []
+    resumed = finetune(tiny(1), data, out_dir=run, resume=True, r=4, **{**opts, "log": msgs.append})
+    assert any("step_00000002 is corrupt" in m for m in msgs) and any("resumed from" in m for m in msgs), msgs
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_0000000{i}" for i in (2, 3, 4)]
+    assert adapter_params(resumed)
+
+
+def test_save_adapter_and_model_save_are_atomic(tmp_path, monkeypatch):
+    """A failure while writing leaves the previous adapter folder / model dir exactly as it was (weights, config
+    and tokenizer.model are replaced together or not at all)."""
+    import shutil
+    from types import SimpleNamespace
+
+    import llama2.peft.io as pio
+    from llama2.peft import attach_adapter, save_adapter
+
+    model = attach_adapter(tiny(), "lora", r=2)
+    out = tmp_path / "adapter"
+    (out / "notes").mkdir(parents=True)  # other files in the folder are kept
+    (out / "notes" / "a.txt").write_text("kept")
+    (out / "README.md").write_text("kept too")
+    save_adapter(model, out)
+    assert (out / "notes" / "a.txt").read_text() == "kept" and (out / "README.md").read_text() == "kept too"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert sorted(before) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    model.runtime.set_param(n := pio.adapter_state(model)[1].popitem()[0], model.runtime.get_param(n) + 1)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pio.json, "dumps", boom)  # fails after the new weights are written
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (out / "notes" / "a.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary left behind
+
+    tok_file = tmp_path / "tokenizer.model"
+    tok_file.write_bytes(b"sentencepiece stand-in")
+    plain = tiny()
+    plain.tokenizer = SimpleNamespace(path=str(tok_file))  # Model.save only reads the tokenizer's file path
+    plain.save(tmp_path / "model")
+    assert (tmp_path / "model" / "tokenizer.model").read_bytes() == tok_file.read_bytes()
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    plain.runtime.init_weights(7)
+    monkeypatch.setattr(shutil, "copyfile", boom)
+    with pytest.raises(OSError, match="disk full"):
+        plain.save(tmp_path / "model", overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == saved
+
+
 def test_bad_arguments_are_clear_errors(tmp_path, tok, alpaca):
     model = tiny()
     data = _random_sft()
@@ -205,7 +302,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, tok, alpaca):
     with pytest.raises(ValueError, match="needs a tokenizer"):
         load_sft_data(alpaca, seq_length=64)
     with pytest.raises(ValueError, match="unknown LoRAConfig field"):
-        finetune(model, data, method="lora", out_dir=tmp_path / "x", steps=1, rank=4)
+        finetune(model, data, method="lora", out_dir=tmp_path / "x", steps=1, ranks=4)
     finetune(model, data, out_dir=tmp_path / "y", steps=1, batch_size=2, progress=False)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         finetune(model, data, out_dir=tmp_path / "y", steps=1, batch_size=2, progress=False)

@@ -219,3 +219,47 @@ def test_stream_and_stop_strings(text_model_dir, backend):
     cut = model.generate("Once upon a time", max_new_tokens=12, stop=stop)[0]
     assert cut == full[: full.index(stop)]
     assert "".join(model.stream("Once upon a time", max_new_tokens=12, stop=stop)) == cut
+
+
+# ---- choosing the backend / runtime options from llama2.generate / llama2.evaluate on a path -----------------------
+def _record_loads(monkeypatch) -> list[dict]:
+    """Record the keyword arguments of every `llama2.api.load` call (the real load still runs)."""
+    import llama2.api
+
+    calls: list[dict] = []
+    real = llama2.api.load
+    monkeypatch.setattr(llama2.api, "load", lambda path, **kw: calls.append(kw) or real(path, **kw))
+    return calls
+
+
+def test_api_generate_and_evaluate_on_a_path_take_load_options(text_model_dir, monkeypatch):
+    import llama2
+
+    model = llama2.load(text_model_dir, backend="torch")
+    expected = model.generate("Hello", max_new_tokens=3, seed=1)
+    rows = np.random.default_rng(0).integers(3, 32000, size=(2, 17))
+    ref = llama2.evaluate(model, "perplexity", data=rows, progress=False)
+    calls = _record_loads(monkeypatch)
+    assert llama2.generate(str(text_model_dir), "Hello", backend="torch", mode="eager", max_new_tokens=3, seed=1) == (
+        expected
+    )
+    got = llama2.evaluate(str(text_model_dir), "perplexity", data=rows, backend="torch", device="cpu", progress=False)
+    assert got == pytest.approx(ref, rel=1e-6)
+    assert calls == [{"backend": "torch", "mode": "eager"}, {"backend": "torch", "device": "cpu"}]
+
+
+def test_cli_generate_dtype_and_evaluate_mode(text_model_dir, monkeypatch, capsys):
+    from llama2.cli import main
+
+    calls = _record_loads(monkeypatch)
+    gen = ["generate", "--model", str(text_model_dir), "--backend", "torch", "--prompt", "Hi", "--max-new-tokens", "2"]
+    assert main([*gen, "--dtype", "float32"]) == 0
+    assert calls[-1]["dtype"] == "float32"
+    capsys.readouterr()
+    assert main([*gen, "--dtype", "bfloat16"]) != 0  # the flag reaches the runtime, which refuses it on CPU
+    assert "dtype='bfloat16' with device='cpu'" in capsys.readouterr().err
+    np.save(text_model_dir.parent / "rows.npy", np.random.default_rng(0).integers(3, 32000, size=(2, 17)))
+    ev = ["evaluate", "--model", str(text_model_dir), "--data", str(text_model_dir.parent / "rows.npy")]
+    assert main([*ev, "--backend", "torch", "--mode", "eager", "--no-progress", "--json"]) == 0
+    assert calls[-1] == {"backend": "torch", "tokenizer": None, "mode": "eager"}
+    capsys.readouterr()

@@ -43,7 +43,7 @@ def test_targets_regex_and_no_match():
     with pytest.raises(ValueError, match="matched no Linear"):
         peft.apply_adapter(build_graph(CFG), "lora", targets=["nope_proj"])
     with pytest.raises(ValueError, match="unknown LoRAConfig field"):
-        peft.adapter_config("lora", rank=4)
+        peft.adapter_config("lora", ranks=4)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -236,3 +236,32 @@ def test_bad_adapter_folder_errors(tmp_path):
         peft.load_adapter(tiny("torch"), tmp_path / "ad")
     with pytest.raises(ValueError, match="no adapter attached"):
         peft.save_adapter(tiny("torch"), tmp_path / "none")
+
+
+def test_rank_is_an_alias_of_r(tmp_path):
+    """`rank=` (README, the CLI's --rank) means `r`; giving both is an error; `llama2.finetune(..., rank=)` works."""
+    import llama2
+
+    assert peft.adapter_config("lora", rank=4) == peft.LoRAConfig(r=4)
+    assert peft.adapter_config("lora", {"rank": 5, "alpha": 10}) == peft.LoRAConfig(r=5, alpha=10)
+    with pytest.raises(ValueError, match="not both"):
+        peft.adapter_config("lora", rank=4, r=4)
+    x = ids(4, 9)
+    labels = x.copy()
+    labels[:, :4] = -100
+    data = {"input_ids": x.astype(np.int32), "labels": labels.astype(np.int32)}
+    tuned = llama2.finetune(
+        tiny("torch"),
+        data=data,
+        method="lora",
+        rank=3,
+        out_dir=tmp_path / "run",
+        steps=1,
+        batch_size=2,
+        backend="torch",
+        mode="eager",
+        progress=False,
+        log=lambda _: None,
+    )
+    assert peft.attached_adapters(tuned.runtime)["lora"].r == 3
+    assert tuned.runtime.specs["model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (3, CFG.dim)

@@ -50,6 +50,10 @@ def test_resume_equals_uninterrupted_and_corrupt_fallback(tmp_path, backend: str
     llama2.pretrain(CFG, data=data, out_dir=part, backend=backend, resume=True, log=messages.append, **OPTS)
     assert any("step_00000003 is corrupt" in m and "falling back" in m for m in messages), messages
     assert any("resumed from" in m and "step_00000002" in m for m in messages), messages
+    # the corrupt checkpoint is skipped, never renamed or moved: user data stays where it was
+    names = sorted(p.name for p in (part / "checkpoints").iterdir())
+    assert names == ["step_00000003", "step_00000004", "step_00000006"], names  # keep=3 prunes by step
+    assert (part / "checkpoints" / "step_00000003" / "model.safetensors").stat().st_size == 100
     got = _losses(part)
     assert len(got) == 6
     np.testing.assert_allclose(got, ref, rtol=1e-5)
@@ -92,6 +96,102 @@ def test_yaml_cli_plot_load_evaluate(tmp_path, capsys) -> None:
     assert cli_main([*cmd, "--data", str(tmp_path / "rows.npy"), "--json", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["tokens"] == 16 * 16 and 1 < res["perplexity"] < 97 * 2
+
+
+@pytest.mark.parametrize("backend", ["mindspore", "torch"])
+def test_step_without_scored_tokens_is_skipped(tmp_path, backend: str) -> None:
+    """A batch whose labels are all IGNORE_INDEX makes no AdamW update (no weight decay, no momentum step): a run
+    [unscored batch, batch B] ends with the same weights as a run [batch B] alone, and the step is flagged."""
+    from llama2.core.backend import IGNORE_INDEX
+    from llama2.core.model import build_runtime
+    from llama2.core.train_config import TrainConfig
+    from llama2.core.trainer import TrainData, Trainer
+
+    ids = _data()[:4]
+    labels = ids.copy()
+    labels[:2] = IGNORE_INDEX  # step 1 reads samples 0-1 (no shuffle): nothing scored
+    mode = "eager" if backend == "torch" else "graph"
+    train = dict(batch_size=2, lr=1e-2, schedule="constant", weight_decay=0.1, shuffle=False)
+
+    def run(data: TrainData, steps: int) -> tuple[dict[str, np.ndarray], list[dict], list[str]]:
+        rt = build_runtime(CFG, backend, mode=mode)
+        rt.init_weights(0)
+        msgs: list[str] = []
+        t = Trainer(
+            rt, TrainConfig(steps=steps, **train), data, None, rank=0, world_size=1, progress=False, log=msgs.append
+        )
+        hist = t.fit()
+        return dict(rt.state_dict()), hist, msgs
+
+    w_skip, hist, msgs = run(TrainData(ids, labels), 2)
+    w_ref, _, _ = run(TrainData(ids[2:], labels[2:]), 1)
+    assert hist[0]["skipped"] is True and hist[0]["tokens"] == 0 and "skipped" not in hist[1]
+    assert any("step 1: the batch scores no token" in m and "skipping the optimizer update" in m for m in msgs), msgs
+    for name, value in w_ref.items():
+        np.testing.assert_allclose(w_skip[name], value, rtol=0, atol=1e-7, err_msg=name)
+    w_one, hist, _ = run(TrainData(ids[:2], labels[:2]), 1)  # only the unscored batch: the weights stay put
+    init = build_runtime(CFG, backend, mode=mode)
+    init.init_weights(0)
+    w_init = dict(init.state_dict())
+    assert hist[0]["skipped"] is True
+    for name, value in w_init.items():
+        assert w_one[name].tobytes() == value.tobytes(), name
+
+
+def test_unscored_step_is_skipped_on_every_rank(tmp_path) -> None:
+    """Data parallel (2 ranks simulated): the global count is 0, so no rank calls apply() (which would raise)."""
+    from llama2.core.backend import IGNORE_INDEX
+    from llama2.core.model import build_runtime
+    from llama2.core.train_config import TrainConfig
+    from llama2.core.trainer import TrainData, Trainer
+
+    class TwoRankState:  # all_reduce_sum as if the other rank held the same values
+        calls: list[str] = []
+
+        def accumulate(self, ids, labels):
+            return 0.0, int((labels != IGNORE_INDEX).sum())
+
+        def apply(self, lr, n_tokens):
+            raise AssertionError(f"apply() called on an unscored step (n_tokens={n_tokens})")
+
+        def all_reduce_sum(self, values):
+            return np.asarray(values) * 2
+
+    ids = _data()[:4]
+    labels = np.full_like(ids, IGNORE_INDEX)
+    rt = build_runtime(CFG, "torch", mode="eager")
+    for rank in (0, 1):
+        t = Trainer(
+            rt,
+            TrainConfig(steps=1, batch_size=4),
+            TrainData(ids, labels),
+            None,
+            rank=rank,
+            world_size=2,
+            progress=False,
+            log=lambda m: None,
+            train_state=TwoRankState(),
+        )
+        assert t.fit()[0]["skipped"] is True
+
+
+def test_prune_checkpoints_handles_leftovers(tmp_path) -> None:
+    """keep=2 of steps 1-4: old checkpoints and leftovers of old steps go; stale .tmp/.old of kept steps go; the
+    only copy of a step (an .old dir without its step_N) and an unfinished newer save stay."""
+    from llama2.core import run_dir as rd
+
+    root = tmp_path / "checkpoints"
+    names = ["step_00000001", "step_00000002", "step_00000003", "step_00000004"]
+    names += [".step_00000001.corrupt-17", ".step_00000002.tmp-5", ".step_00000003.old-5", ".step_00000003.tmp-9"]
+    names += [".step_00000003.corrupt-17", ".step_00000005.old-5", ".step_00000006.tmp-5", "notes"]
+    for n in names:
+        (root / n).mkdir(parents=True)
+        (root / n / "f").write_text(n)
+    gone = rd.prune_checkpoints(tmp_path, keep=2)
+    left = sorted(p.name for p in root.iterdir())
+    assert left == [".step_00000003.corrupt-17", ".step_00000005.old-5", ".step_00000006.tmp-5", "notes"] + names[2:4]
+    assert sorted(p.name for p in gone) == sorted(set(names) - set(left))
+    assert [p.name for p in rd.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
 
 
 def test_bad_input(tmp_path, llama_tokenizer_path, capsys) -> None:

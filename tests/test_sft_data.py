@@ -410,3 +410,49 @@ def test_prepare_alpaca_can_tokenize_in_one_step(tok, tmp_path):
     direct, _ = build_sft_samples(convs, tok, 256)
     cols = read_sft(out)
     assert np.array_equal(cols["input_ids"], direct["input_ids"]) and np.array_equal(cols["labels"], direct["labels"])
+
+
+# ---- templates whose turn terminator is more than the EOS (llama-2: " </s><s>") ----------------------------------
+def special_aware_sentencepiece_ids(prompt: str, model_file) -> list[int]:
+    """The oracle for any template: BOS, then the rendered text cut at `<s>` / `</s>`, each chunk encoded by
+    SentencePiece itself and each marker as its id (Meta's rule for text around special tokens)."""
+    import re
+
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    ids = [1]
+    for chunk in re.split(r"(</s>|<s>)", prompt):
+        if chunk in ("<s>", "</s>"):
+            ids.append(sp.piece_to_id(chunk))
+        elif chunk:
+            ids += sp.encode(chunk)
+    return ids
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1.1", "llama-2", "vigogne_chat_v2"])
+def test_terminator_with_special_pieces_keeps_every_bos(tok, template):
+    """ids == SentencePiece on the rendered prompt (llama-2 keeps the BOS that opens each later turn); each reply
+    is supervised up to and including its EOS, and a BOS is never supervised."""
+    records = json.loads(data_path("fastchat/dummy_conversation.json").read_text(encoding="utf-8"))[:20]
+    convs = [parse_conversation(r) for r in records] + [(None, ["Hi", "Hello there", "How are you?", "Fine"])]
+    for system, texts in convs:
+        ids, labels = tokenize_conversation(tok, texts, system, template)
+        rendered = "".join(s.text for s in render_segments(texts, system, template))
+        ref = special_aware_sentencepiece_ids(rendered, tok.path)
+        assert ids == ref
+        n_replies = len(texts) // 2
+        assert ids.count(tok.eos_id) == n_replies
+        assert ids.count(tok.bos_id) == 1 + (n_replies if template == "llama-2" else 0)
+        assert all(lab == IGNORE_INDEX for i, lab in zip(ids, labels) if i == tok.bos_id)
+        spans = supervised_spans(labels)
+        assert len(spans) == n_replies and all(s[-1] == tok.eos_id for s in spans)
+        assert [tok.decode(s[:-1]).strip() for s in spans] == [t.strip() for t in texts[1::2]]
+
+
+def test_template_without_eos_terminator_is_refused(tok):
+    with pytest.raises(ValueError, match="falcon.*does not contain the tokenizer's EOS"):
+        tokenize_conversation(tok, ["Hi", "Hello"], None, "falcon")
+    rec = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    _, report = build_sft_samples([rec], tok, 8, template="falcon")
+    assert report.samples == 0 and "EOS" in report.skipped[0]["reason"]

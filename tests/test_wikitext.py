@@ -76,6 +76,16 @@ def test_records_roundtrip_deterministic_atomic(tmp_path, suffix: str) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
+@pytest.mark.parametrize("fmt", ["npy", "npz"])
+def test_explicit_format_on_another_suffix_writes_the_given_path(tmp_path, fmt: str) -> None:
+    """np.save/np.savez append .npy/.npz when given a path; write_records must still return an existing file."""
+    rows = np.arange(12, dtype=np.int32).reshape(3, 4)
+    path = write_records(tmp_path / "rows.bin", rows, fmt=fmt)
+    assert path == tmp_path / "rows.bin" and path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.bin"]
+    assert np.array_equal(read_columns(path, fmt)["input_ids"], rows)
+
+
 def test_mindrecord_readable_by_minddataset(tmp_path) -> None:
     ds = pytest.importorskip("mindspore.dataset")
     rows = np.arange(3 * 5, dtype=np.int32).reshape(3, 5)

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model, if not next to the weights")
     parser.add_argument("--device", default=None, help="cpu, gpu/cuda or ascend")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    parser.add_argument("--mode", default=None, choices=("graph", "eager"), help="graph (jit, default) or eager")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-length", type=int, default=None, help="perplexity window (default: max_seq_len)")
     parser.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: seq-length)")
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from llama2.evaluation import DEFAULT_PREDICTIONS, evaluate
     from llama2.metrics.base import create_metric
 
-    runtime_options = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    pairs = (("device", args.device), ("dtype", args.dtype), ("mode", args.mode))
+    runtime_options = {k: v for k, v in pairs if v is not None}
     model = load(args.model, backend=args.backend, tokenizer=args.tokenizer, **runtime_options)
     options = _options(args)
     result = evaluate(model, args.metric, data=args.data, **options)

@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="mindspore")
     p.add_argument("--device", default="cpu")
     p.add_argument("--mode", default="graph", choices=["graph", "eager"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default float32")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (single prompt)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {prompt, completion}")
 
@@ -32,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from llama2.api import load
 
-    model = load(args.model, backend=args.backend, tokenizer=args.tokenizer, device=args.device, mode=args.mode)
+    runtime_options = {"device": args.device, "mode": args.mode}
+    if args.dtype is not None:
+        runtime_options["dtype"] = args.dtype
+    model = load(args.model, backend=args.backend, tokenizer=args.tokenizer, **runtime_options)
     options = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

@@ -186,6 +186,37 @@ class Runtime(abc.ABC):
         Returns float32 logits (batch, 1, vocab) if `last_only`, else (batch, t, vocab).
         """
 
+    def _check_decode_args(
+        self, cache_batch: int, cache_max_len: int, ids: Any, positions: Any, kv_mask: Any, start: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, positions, kv_mask) as arrays after the checks every `decode` shares; ValueError naming the
+        argument otherwise: ids (batch, t) with batch == the cache's, slots [start, start + t) inside the cache,
+        positions (batch, t) in [0, max_seq_len), kv_mask (batch, cache max_len)."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"decode: ids must be (batch, t), got shape {ids.shape}")
+        b, t = ids.shape
+        if b != cache_batch:
+            raise ValueError(f"decode: ids batch {b} differs from the cache batch {cache_batch}")
+        if start < 0 or start + t > cache_max_len:
+            raise ValueError(
+                f"decode: context overflow: writing {t} token(s) at slot {start} needs {start + t} slots, "
+                f"the cache has {cache_max_len}"
+            )
+        positions = np.asarray(positions)
+        if positions.shape != (b, t):
+            raise ValueError(f"decode: positions shape {positions.shape} differs from ids shape {(b, t)}")
+        max_len = self.config.max_seq_len
+        if positions.size and (positions.min() < 0 or positions.max() >= max_len):
+            raise ValueError(
+                f"decode: positions must be in [0, max_seq_len={max_len}), got min {positions.min()} "
+                f"max {positions.max()}"
+            )
+        kv_mask = np.asarray(kv_mask)
+        if kv_mask.shape != (b, cache_max_len):
+            raise ValueError(f"decode: kv_mask shape {kv_mask.shape}, expected {(b, cache_max_len)}")
+        return ids, positions, kv_mask
+
     # ---- training ------------------------------------------------------------------------------------------
     def trainable_names(self) -> list[str]:
         return [n for n in self.specs if self._trainable.get(n, self.specs[n].trainable)]

@@ -92,26 +92,38 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Translate a Hugging Face `LlamaConfig` dict."""
+        """Translate a Hugging Face `LlamaConfig` dict; absent fields take `LlamaConfig`'s defaults.
+
+        Fields this architecture cannot represent (head_dim != hidden_size / num_attention_heads, attention or MLP
+        biases, RoPE scaling) are an error naming `source` and the field. RoPE theta is read from `rope_theta` or
+        from transformers 5's `rope_parameters` (rope_type "default" only).
+        """
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"]
         missing = [k for k in required if k not in hf]
         if missing:
             raise ValueError(f"{source}: missing field(s) {missing} required for a Llama config")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; Llama 2 needs 'silu'")
-        scaling = hf.get("rope_scaling")
-        if scaling:
-            raise ValueError(f"{source}: rope_scaling={scaling!r} is not supported (Llama 2 uses plain RoPE)")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ValueError(f"{source}: {flag}={hf[flag]!r} is not supported (Llama 2 projections have no bias)")
+        dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+        head_dim = hf.get("head_dim")
+        if head_dim is not None and n_heads and head_dim * n_heads != dim:
+            raise ValueError(
+                f"{source}: head_dim={head_dim} but hidden_size / num_attention_heads = {dim} / {n_heads}; "
+                "only head_dim == hidden_size / num_attention_heads is supported"
+            )
         return cls(
-            dim=hf["hidden_size"],
+            dim=dim,
             n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             vocab_size=hf["vocab_size"],
             hidden_dim=hf["intermediate_size"],
-            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
-            max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+            norm_eps=float(hf.get("rms_norm_eps", _HF_DEFAULTS["rms_norm_eps"])),
+            rope_theta=_hf_rope_theta(hf, source),
+            max_seq_len=int(hf.get("max_position_embeddings", _HF_DEFAULTS["max_position_embeddings"])),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
 
@@ -135,6 +147,38 @@ class ModelConfig:
             "eos_token_id": 2,
             "torch_dtype": "float32",
         }
+
+
+# transformers' LlamaConfig defaults for the fields a config.json may leave out
+_HF_DEFAULTS: dict[str, Any] = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 10000.0}
+
+
+def _hf_rope_theta(hf: dict[str, Any], source: str) -> float:
+    """RoPE theta of an HF config: `rope_theta` (transformers 4) or `rope_parameters` (transformers 5); scaled
+    RoPE (`rope_scaling`, or a rope_type other than "default") is an error naming the field."""
+    theta = hf.get("rope_theta")
+    for field in ("rope_scaling", "rope_parameters"):
+        value = hf.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: {field}={value!r}; expected an object or null")
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind != "default":
+            raise ValueError(
+                f"{source}: {field}={value!r} asks for {kind!r} RoPE scaling, which is not supported "
+                "(Llama 2 uses plain RoPE: rope_type 'default')"
+            )
+        extra = sorted(set(value) - {"rope_type", "type", "rope_theta"})
+        if extra:
+            raise ValueError(f"{source}: {field} has unsupported key(s) {extra} (only rope_type and rope_theta)")
+        if "rope_theta" in value:
+            if theta is not None and float(value["rope_theta"]) != float(theta):
+                raise ValueError(
+                    f"{source}: rope_theta={theta} but {field}.rope_theta={value['rope_theta']}; they must agree"
+                )
+            theta = value["rope_theta"]
+    return float(theta if theta is not None else _HF_DEFAULTS["rope_theta"])
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -1,4 +1,5 @@
-"""Distributed checkpoints: every rank saves its part plus the strategy; `merge` joins them, `split` re-splits.
+"""Distributed checkpoints: each model/pipeline slice is saved once with the strategy; `merge` joins them,
+`split` re-splits.
 
 Layout of a distributed checkpoint DIR (a training run writes them to OUT_DIR/distributed/step_N):
 
@@ -9,8 +10,10 @@ Layout of a distributed checkpoint DIR (a training run writes them to OUT_DIR/di
 
 A rank's slice of a parameter split on axis a is the mp_index-th of model_parallel equal chunks along a
 (`np.split`), so `merge` (concatenation in mp order, one data-parallel replica per (stage, mp_index)) gives back
-the full tensors bit for bit. Every rank writes its own `rank_R` dir atomically (temp dir + rename), so ranks
-never touch each other's files.
+the full tensors bit for bit. A training run saves one replica: only the ranks of data-parallel index 0 write
+(under pure data parallelism that is rank_0 alone); `replicas=True` makes every rank write its copy (so that
+`merge --check-replicas` can compare them). strategy.json lists the ranks the save wrote (`ranks`). Each rank
+writes its own `rank_R` dir atomically (temp dir + rename), so ranks never touch each other's files.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ __all__ = [
     "rank_part",
     "save_rank_part",
     "save_rank_checkpoint",
+    "saved_ranks",
+    "run_strategy",
     "find_distributed",
     "read_strategy",
     "merged_tensors",
@@ -81,6 +86,13 @@ def rank_part(
         yield name, part if part.flags.c_contiguous else np.array(part, order="C")  # 0-d arrays stay 0-d
 
 
+def saved_ranks(strategy: ParallelStrategy, replicas: bool = False) -> list[int]:
+    """The ranks that write a part: every rank with `replicas`, else those of data-parallel index 0."""
+    if replicas:
+        return list(range(strategy.world_size))
+    return sorted(r for r in range(strategy.world_size) if strategy.rank_coords(r)[0] == 0)
+
+
 def save_rank_part(
     out_dir: str | Path,
     rank: int,
@@ -89,8 +101,12 @@ def save_rank_part(
     optimizer_state: dict[str, np.ndarray] | None = None,
     extra: dict[str, Any] | None = None,
     tokenizer_file: str | Path | None = None,
+    ranks: Iterable[int] | None = None,
 ) -> Path:
-    """Write OUT_DIR/rank_R (this rank's slices of the full `tensors` + strategy) atomically; returns the dir."""
+    """Write OUT_DIR/rank_R (this rank's slices of the full `tensors` + strategy) atomically; returns the dir.
+
+    `ranks`: every rank that writes a part of this checkpoint (recorded in strategy.json); default all.
+    """
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
@@ -105,7 +121,8 @@ def save_rank_part(
             save_file(opt, str(tmp / OPTIMIZER_FILE), metadata={"format": "llama2-optimizer"})
         if tokenizer_file is not None and rank == 0:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        meta = {"rank": rank, "strategy": strategy.to_dict(), **(extra or {})}
+        written = sorted(ranks) if ranks is not None else list(range(strategy.world_size))
+        meta = {"rank": rank, "ranks": written, "strategy": strategy.to_dict(), **(extra or {})}
         meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / STRATEGY_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return final
@@ -123,12 +140,17 @@ def save_rank_checkpoint(
     optimizer_state: dict[str, np.ndarray] | None = None,
     tokenizer_file: str | Path | None = None,
     keep: int | None = None,
-) -> Path:
-    """A training run's per-rank save: RUN_DIR/distributed/step_N/rank_R; keeps this rank's newest `keep` steps."""
-    if isinstance(parallel, dict):
-        parallel = ParallelConfig.from_dict(parallel)
-    parallel = parallel or ParallelConfig(data_parallel=world_size)
-    strategy = derive_strategy(config, parallel, world_size=world_size)
+    replicas: bool = False,
+) -> Path | None:
+    """A training run's per-rank save: RUN_DIR/distributed/step_N/rank_R; keeps this rank's newest `keep` steps.
+
+    Only the ranks of `saved_ranks` write (data-parallel index 0 unless `replicas`); the others return None
+    without writing anything.
+    """
+    strategy = run_strategy(config, parallel, world_size)
+    writers = saved_ranks(strategy, replicas)
+    if rank not in writers:
+        return None
     root = Path(run_dir) / DISTRIBUTED
     out = save_rank_part(
         root / f"step_{step:08d}",
@@ -138,6 +160,7 @@ def save_rank_checkpoint(
         optimizer_state=optimizer_state,
         extra={"step": step},
         tokenizer_file=tokenizer_file,
+        ranks=writers,
     )
     if keep is not None:
         steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir())
@@ -150,6 +173,13 @@ def save_rank_checkpoint(
     return out
 
 
+def run_strategy(config: ModelConfig, parallel: ParallelConfig | dict | None, world_size: int) -> ParallelStrategy:
+    """The strategy of a training run (`parallel` None: pure data parallelism over `world_size` ranks)."""
+    if isinstance(parallel, dict):
+        parallel = ParallelConfig.from_dict(parallel)
+    return derive_strategy(config, parallel or ParallelConfig(data_parallel=world_size), world_size=world_size)
+
+
 def _rank_dirs(path: Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in path.iterdir() if p.is_dir() and (m := _RANK.match(p.name))}
 
@@ -159,10 +189,16 @@ def _complete(path: Path) -> bool:
     if not ranks or 0 not in ranks or not (ranks[0] / STRATEGY_FILE).is_file():
         return False
     try:
-        world = ParallelStrategy.from_dict(_meta(ranks[0])["strategy"]).world_size
-    except (ValueError, OSError):
+        meta = _meta(ranks[0])
+        expected = _expected_ranks(meta, ParallelStrategy.from_dict(meta["strategy"]))
+    except (ValueError, OSError, KeyError):
         return False
-    return all(r in ranks and (ranks[r] / STRATEGY_FILE).is_file() for r in range(world))
+    return all(r in ranks and (ranks[r] / STRATEGY_FILE).is_file() for r in expected)
+
+
+def _expected_ranks(meta: dict[str, Any], strategy: ParallelStrategy) -> list[int]:
+    """The ranks whose parts a checkpoint holds (strategy.json `ranks`; every rank for older checkpoints)."""
+    return [int(r) for r in meta.get("ranks", range(strategy.world_size))]
 
 
 def find_distributed(path: str | Path) -> Path:
@@ -181,7 +217,7 @@ def find_distributed(path: str | Path) -> Path:
             return p
     raise FileNotFoundError(
         f"{path}: no distributed checkpoint found (expected rank_*/{STRATEGY_FILE}, or "
-        f"{DISTRIBUTED}/step_N/rank_*/ with every rank present)"
+        f"{DISTRIBUTED}/step_N/rank_*/ with every saved rank present)"
     )
 
 
@@ -196,15 +232,20 @@ def _meta(rank_dir: Path) -> dict[str, Any]:
 
 
 def read_strategy(path: str | Path) -> tuple[ParallelStrategy, dict[int, Path]]:
-    """(strategy, rank -> rank dir) of a distributed checkpoint; checks that every rank is there and agrees."""
+    """(strategy, rank -> rank dir) of a distributed checkpoint; checks that every saved rank is there and agrees.
+
+    The dict holds the ranks the save wrote (strategy.json `ranks`): one replica (data-parallel index 0) for a
+    training run's default save, every rank for `split` or a save with replicas=True.
+    """
     path = find_distributed(path)
     ranks = _rank_dirs(path)
     meta0 = _meta(ranks[0])
     strategy = ParallelStrategy.from_dict(meta0["strategy"], str(ranks[0] / STRATEGY_FILE))
-    missing = [r for r in range(strategy.world_size) if r not in ranks]
+    expected = _expected_ranks(meta0, strategy)
+    missing = [r for r in expected if r not in ranks]
     if missing:
         raise FileNotFoundError(f"{path}: rank dir(s) {[f'rank_{r}' for r in missing]} missing")
-    for r in range(strategy.world_size):
+    for r in expected:
         meta = meta0 if r == 0 else _meta(ranks[r])
         if meta["strategy"] != meta0["strategy"]:
             raise ValueError(f"{ranks[r] / STRATEGY_FILE}: strategy differs from rank 0's")
@@ -212,7 +253,7 @@ def read_strategy(path: str | Path) -> tuple[ParallelStrategy, dict[int, Path]]:
             f = ranks[r] / name
             if not f.is_file() or f.stat().st_size != size:
                 raise ValueError(f"{f}: missing or truncated (expected {size} bytes)")
-    return strategy, {r: ranks[r] for r in range(strategy.world_size)}
+    return strategy, {r: ranks[r] for r in expected}
 
 
 def _merged(path: str | Path, file: str, check_replicas: bool) -> Iterator[tuple[str, np.ndarray]]:
@@ -220,6 +261,13 @@ def _merged(path: str | Path, file: str, check_replicas: bool) -> Iterator[tuple
 
     strategy, ranks = read_strategy(path)
     p = strategy.parallel
+    dps = sorted({strategy.rank_coords(r)[0] for r in ranks})
+    if check_replicas and len(dps) < p.data_parallel:
+        raise ValueError(
+            f"{path}: holds {len(dps)} of {p.data_parallel} data-parallel replicas (a training run saves one by "
+            "default), so there is nothing to compare; --check-replicas needs a save with replicas=True "
+            "(Trainer(save_replicas=True)) or a `split` output"
+        )
     handles: dict[int, Any] = {}
     try:
         for r, d in ranks.items():

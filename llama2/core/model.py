@@ -181,12 +181,10 @@ class Model:
         from llama2.core.formats import save_checkpoint
 
         path = Path(path)
-        save_checkpoint(path, fmt, self.config, self.runtime.state_dict(), **options)
         tok_path = getattr(self.tokenizer, "path", None)
-        if tok_path is not None and path.is_dir() and Path(tok_path).exists():
-            import shutil
-
-            shutil.copyfile(tok_path, path / "tokenizer.model")
+        if tok_path is not None and fmt != "llama2c" and Path(tok_path).exists():
+            options.setdefault("tokenizer_path", Path(tok_path))  # copied inside the atomic write
+        save_checkpoint(path, fmt, self.config, self.runtime.state_dict(), **options)
         return path
 
 

@@ -29,6 +29,7 @@ from llama2.core.config import ModelConfig
 
 __all__ = [
     "CheckpointError",
+    "ResumeMismatchError",
     "checkpoint_dir_name",
     "list_checkpoints",
     "latest_checkpoint",
@@ -36,6 +37,7 @@ __all__ = [
     "save_checkpoint",
     "read_trainer_state",
     "read_model_tensors",
+    "read_tensor_shapes",
     "read_optimizer_state",
     "read_model_config",
     "prune_checkpoints",
@@ -49,10 +51,16 @@ STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 _NAME = re.compile(r"^step_(\d+)$")
+# leftovers of an interrupted save (atomic_dir's .tmp-PID / .old-PID) or of older versions (.corrupt-TIME)
+_LEFTOVER = re.compile(r"^\.step_(\d+)\.(tmp|old|corrupt)-[^/]*$")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory is missing files or has corrupt ones."""
+    """A checkpoint directory is missing files or has corrupt ones (an integrity failure)."""
+
+
+class ResumeMismatchError(ValueError):
+    """An intact checkpoint that does not fit the run resuming from it (tensor names/shapes, optimizer state)."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -149,11 +157,28 @@ def read_model_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
             yield name, h.get_tensor(name)
 
 
+def read_tensor_shapes(file: str | Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} from a safetensors file's header (no tensor data is read); CheckpointError if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as h:
+            return {name: tuple(h.get_slice(name).get_shape()) for name in h.keys()}
+    except Exception as exc:  # safetensors raises its own error type
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
 def read_optimizer_state(path: str | Path) -> dict[str, np.ndarray] | None:
+    """The optimizer state of a checkpoint (None if it has no optimizer.safetensors); CheckpointError if unreadable."""
     from safetensors.numpy import load_file
 
     f = Path(path) / OPTIMIZER_FILE
-    return load_file(str(f)) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        return load_file(str(f))
+    except Exception as exc:  # safetensors raises its own error type
+        raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
@@ -214,11 +239,27 @@ def save_checkpoint(
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints; returns the deleted dirs."""
+    """Delete all but the newest `keep` checkpoints (by step, intact or not); returns the deleted dirs.
+
+    Leftovers (`.step_N.tmp-*` / `.step_N.old-*` of an interrupted save, `.step_N.corrupt-*` of older versions)
+    are deleted when step N is older than every kept checkpoint, and a `.tmp-*` / `.old-*` one also when step_N
+    itself is complete. An `.old-*` dir whose step_N is missing (a save interrupted between its two renames) is
+    the only copy of that step: it is kept unless pruned by age.
+    """
     if keep <= 0:
         raise ValueError(f"keep must be positive, got {keep}")
     ckpts = list_checkpoints(run_dir)
     gone = ckpts[:-keep] if len(ckpts) > keep else []
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
+    kept = {int(_NAME.match(p.name).group(1)) for p in ckpts[-keep:]}
+    root = _ckpt_root(Path(run_dir))
+    for p in list(root.iterdir()) if root.is_dir() and kept else []:
+        m = _LEFTOVER.match(p.name)
+        if m is None:
+            continue
+        step, kind = int(m.group(1)), m.group(2)
+        if step < min(kept) or (kind in ("tmp", "old") and step in kept):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p)
     return gone

@@ -8,7 +8,11 @@ N steps, and exact resume.
 Data parallelism: every rank computes the same global permutation and reads its own contiguous slice of each
 global batch. The backend's TrainState sums gradients across ranks in `apply`; if it has
 `all_reduce_sum(np.ndarray) -> np.ndarray`, the trainer also sums the loss and token counts for logging (else
-rank 0 logs its local loss). Only rank 0 writes metrics and checkpoints.
+rank 0 logs its local loss). Only rank 0 writes metrics and checkpoints; the distributed checkpoint parts
+(OUT_DIR/distributed, `llama2 merge`) are written by the ranks of data-parallel index 0 (one replica).
+
+A step whose batch scores no token (every label IGNORE_INDEX, on all ranks) makes no optimizer update: its metrics
+record `"skipped": true` and a message is logged (same on every backend and process count).
 """
 
 from __future__ import annotations
@@ -196,7 +200,13 @@ class Trainer:
         on_save: Callable[[Path], None] | None = None,
         extra_state: dict[str, Any] | None = None,
         train_state: TrainState | None = None,
+        checkpoint_names: list[str] | None = None,
+        save_replicas: bool = False,
     ) -> None:
+        """`model_tensors` / `checkpoint_names`: what checkpoints hold (default: every model parameter; an adapter
+        run gives its own tensors and their names, and resume then loads exactly those). `save_replicas`: every
+        data-parallel rank also writes its copy of the distributed checkpoint (default: only data-parallel index
+        0 writes), for `llama2 merge --check-replicas`."""
         self.runtime = runtime
         self.config = config
         self.data = data
@@ -210,6 +220,8 @@ class Trainer:
         self.model_tensors = model_tensors or runtime.state_dict
         self.on_save = on_save
         self.extra_state = dict(extra_state or {})
+        self.checkpoint_names = None if checkpoint_names is None else list(checkpoint_names)
+        self.save_replicas = save_replicas
         cfg = runtime.config
         data.check(cfg.vocab_size, cfg.max_seq_len)
         if config.batch_size % self.world_size:
@@ -258,21 +270,32 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (rank 0 only); returns its dir."""
-        if self.world_size > 1 and self.out_dir is not None:  # every rank also saves its part (`llama2 merge`)
-            from llama2.core.dist_checkpoint import save_rank_checkpoint
+        """Write a checkpoint of the current step (rank 0) and, with several ranks, this rank's part of the
+        distributed checkpoint (ranks of data-parallel index 0, or every rank with `save_replicas`); returns the
+        checkpoint dir on rank 0, else None."""
+        writes_part = False
+        if self.world_size > 1 and self.out_dir is not None:
+            from llama2.core import dist_checkpoint as dc
 
-            save_rank_checkpoint(
+            strategy = dc.run_strategy(self.runtime.config, self.extra_state.get("parallel_config"), self.world_size)
+            writes_part = self.rank in dc.saved_ranks(strategy, self.save_replicas)
+        if not (writes_part or self.is_writer):
+            return None
+        tensors = list(self.model_tensors())  # built once for both saves
+        optimizer_state = self.state.state_dict()
+        if writes_part:
+            dc.save_rank_checkpoint(
                 self.out_dir,
                 self.step,
                 self.rank,
                 self.world_size,
                 self.runtime.config,
-                self.model_tensors(),
+                tensors,
                 parallel=self.extra_state.get("parallel_config"),
-                optimizer_state=self.state.state_dict(),
+                optimizer_state=optimizer_state,
                 tokenizer_file=self.tokenizer_file,
                 keep=self.config.keep,
+                replicas=self.save_replicas,
             )
         if not self.is_writer:
             return None
@@ -280,8 +303,8 @@ class Trainer:
             self.out_dir,
             self.step,
             config=self.runtime.config,
-            tensors=self.model_tensors(),
-            optimizer_state=self.state.state_dict(),
+            tensors=tensors,
+            optimizer_state=optimizer_state,
             trainer_state=self.trainer_state(),
             tokenizer_file=self.tokenizer_file,
             on_save=self.on_save,
@@ -289,42 +312,104 @@ class Trainer:
         )
 
     def resume(self, run_dir: str | Path | None = None) -> int:
-        """Load the newest readable checkpoint of `run_dir` (default out_dir); returns its step (0 if none).
+        """Load the newest intact checkpoint of `run_dir` (default out_dir); returns its step (0 if none).
 
-        A corrupt newest checkpoint is reported and the previous one used.
+        A checkpoint that fails the integrity check (a missing or truncated file, unreadable safetensors or JSON)
+        is reported and skipped, the previous one tried; nothing is moved or deleted. An intact checkpoint that
+        does not fit this run (tensor names or shapes, optimizer state) raises ResumeMismatchError naming the file
+        and the mismatch, before anything is loaded.
         """
         run_dir = Path(run_dir) if run_dir is not None else self.out_dir
         ckpts = rd.list_checkpoints(run_dir) if run_dir is not None else []
         errors = []
         for path in reversed(ckpts):
             try:
-                rd.verify_checkpoint(path)
-                self._load(path)
-            except (rd.CheckpointError, KeyError, ValueError, OSError) as exc:
+                state, optimizer_state = self._stage(path)
+            except rd.CheckpointError as exc:
                 errors.append(f"{path.name}: {exc}")
                 self.log(f"checkpoint {path.name} is corrupt or unreadable ({exc}); falling back to the previous one")
-                if self.is_writer:  # move it out of the way so that later saves and loads skip it
-                    os.replace(path, path.with_name(f".{path.name}.corrupt-{int(time.time())}"))
                 continue
+            self._load(path, state, optimizer_state)
             self.log(f"resumed from {path} at step {self.step}")
             return self.step
         if errors:
             raise FileNotFoundError(f"cannot resume from {run_dir}: no loadable checkpoint ({'; '.join(errors)})")
         return 0
 
-    def _load(self, path: Path) -> None:
-        st = rd.read_trainer_state(path)
+    def _stage(self, path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Check checkpoint `path` without touching the runtime; returns (trainer state, optimizer state).
+
+        CheckpointError: an integrity failure. ResumeMismatchError: intact but not this run's.
+        """
+        state = rd.verify_checkpoint(path)
+        if not state:
+            raise rd.CheckpointError(f"{path / rd.STATE_FILE}: missing; not a resumable training checkpoint")
+        if "step" not in state:
+            raise rd.CheckpointError(f"{path / rd.STATE_FILE}: has no 'step' entry")
+        mismatch = []
+        model_problems = self._check_tensors(rd.read_tensor_shapes(path / rd.MODEL_FILE))
+        if model_problems:
+            mismatch.append(f"{path / rd.MODEL_FILE}: {_first(model_problems)}")
+        optimizer_state = rd.read_optimizer_state(path)
+        if optimizer_state is None:
+            mismatch.append(f"{path / rd.OPTIMIZER_FILE}: missing (saved without optimizer state)")
+        elif opt_problems := self._check_optimizer(optimizer_state):
+            mismatch.append(f"{path / rd.OPTIMIZER_FILE}: {_first(opt_problems)}")
+        if mismatch:
+            hint = _differences(state, self.trainer_state(), ("finetune", "model_config"))
+            raise rd.ResumeMismatchError(
+                f"cannot resume from {path.name}: the checkpoint does not fit this run. "
+                + ". ".join(mismatch)
+                + (f". The run's settings differ: {'; '.join(hint[:6])}" if hint else "")
+                + ". Resume with the settings the run was started with, or use a new out_dir."
+            )
+        return state, optimizer_state
+
+    def _check_tensors(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        specs = self.runtime.specs
+        wanted = self.checkpoint_names if self.checkpoint_names is not None else list(specs)
+        problems = []
+        missing = [n for n in wanted if n not in shapes]
+        unexpected = sorted(set(shapes) - set(wanted))
+        if missing:
+            problems.append(f"lacks tensor(s) {missing[:3]}" + (f" (+{len(missing) - 3})" if len(missing) > 3 else ""))
+        if unexpected:
+            problems.append(f"has unexpected tensor(s) {unexpected[:3]}")
+        for name in wanted:
+            if name in shapes and name in specs and tuple(shapes[name]) != tuple(specs[name].shape):
+                problems.append(f"{name!r} has shape {shapes[name]}, this run's is {tuple(specs[name].shape)}")
+        return problems
+
+    def _check_optimizer(self, opt: dict[str, np.ndarray]) -> list[str]:
+        if "step" not in opt:
+            return ["has no 'step' entry"]
+        names = getattr(self.state, "names", None) or self.runtime.trainable_names()
+        expected = {f"{kind}.{n}": n for n in names for kind in ("exp_avg", "exp_avg_sq")}
+        problems = []
+        unexpected = sorted(set(opt) - set(expected) - {"step"})
+        if unexpected:
+            problems.append(f"holds state of parameter(s) this run does not train: {unexpected[:3]}")
+        missing = [k for k in expected if k not in opt]
+        if float(np.asarray(opt["step"])) > 0 and missing:
+            problems.append(f"lacks state of trained parameter(s) {missing[:3]}")
+        for key, name in expected.items():
+            shape = tuple(self.runtime.specs[name].shape) if name in self.runtime.specs else None
+            if key in opt and shape is not None and tuple(opt[key].shape) != shape:
+                problems.append(f"{key!r} has shape {tuple(opt[key].shape)}, this run's is {shape}")
+        return problems
+
+    def _load(self, path: Path, st: dict[str, Any], optimizer_state: dict[str, np.ndarray]) -> None:
+        """Load a checkpoint that `_stage` accepted into the runtime and optimizer."""
         if st.get("n_samples") not in (None, self.data.n_samples):
             self.log(f"warning: {path.name} was trained on {st['n_samples']} samples, now {self.data.n_samples}")
         saved = st.get("train_config", {})
         for key in ("batch_size", "seed", "shuffle"):
             if key in saved and saved[key] != getattr(self.config, key):
                 self.log(f"warning: {key} was {saved[key]!r} in {path.name}, now {getattr(self.config, key)!r}")
-        self.runtime.load_state(rd.read_model_tensors(path), source=str(path / rd.MODEL_FILE))
-        opt = rd.read_optimizer_state(path)
-        if opt is None:
-            raise rd.CheckpointError(f"{path / rd.OPTIMIZER_FILE}: missing; cannot resume the optimizer")
-        self.state.load_state_dict(opt)
+        self.runtime.load_state(
+            rd.read_model_tensors(path), strict=self.checkpoint_names is None, source=str(path / rd.MODEL_FILE)
+        )
+        self.state.load_state_dict(optimizer_state)
         self.step = int(st["step"])
         self.elapsed = float(st.get("elapsed", 0.0))
         if self.is_writer:
@@ -393,7 +478,17 @@ class Trainer:
                 f"training loss is {loss} at step {step + 1} (lr {lr:.3g}); stopping before the update. "
                 "Try a lower lr, a smaller grad_clip, or check the data."
             )
-        grad_norm = float(self.state.apply(lr, local_tok if self.world_size > 1 else max(n_tok, 1)))
+        # n_tok is the global count when it could be summed over ranks: then every rank skips alike
+        skip = n_tok == 0 and (self.world_size == 1 or hasattr(self.state, "all_reduce_sum"))
+        if skip and self.rank == 0:  # all-zero gradients: no AdamW update, no weight decay, no momentum step
+            self.log(
+                f"step {step + 1}: the batch scores no token (every label is {IGNORE_INDEX}); "
+                "skipping the optimizer update"
+            )
+        if skip:  # the zero gradients accumulated this step stay in the state and add nothing to the next one
+            grad_norm = 0.0
+        else:
+            grad_norm = float(self.state.apply(lr, local_tok if self.world_size > 1 else n_tok))
         self.step = step + 1
         dt = time.perf_counter() - t0
         self.elapsed += dt
@@ -407,6 +502,7 @@ class Trainer:
             "tokens": n_tok,
             "tokens_per_s": n_in / dt if dt > 0 else 0.0,
             "elapsed": round(self.elapsed, 4),
+            **({"skipped": True} if skip else {}),
         }
 
     def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
@@ -442,3 +538,24 @@ class Trainer:
                 bar.close()
             self.runtime.train(False)
         return self.history
+
+
+def _first(problems: list[str], n: int = 3) -> str:
+    return "; ".join(problems[:n]) + (f" (and {len(problems) - n} more)" if len(problems) > n else "")
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """'key.path: X in the checkpoint, Y now' for the leaves of `keys` that differ between two trainer states."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+        elif a != b:
+            out.append(f"{where}: {a!r} in the checkpoint, {b!r} now")
+
+    for key in keys:
+        if key in saved and key in now:
+            walk(saved[key], now[key], key)
+    return out

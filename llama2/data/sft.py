@@ -15,8 +15,10 @@ is encoded as a continuation (its leading space becomes `▁`). The ids therefor
 whole rendered prompt with `parse_special=True`, and the label of each token is known from its segment.
 
 - Labels are the token ids on every reply token and on its `</s>` (id 2, once per reply); IGNORE_INDEX (-100)
-  on BOS, the system text, every user turn, the role tags and padding. Text inside messages is never parsed
-  for special tokens: a reply containing the characters "</s>" does not produce an extra id 2.
+  on BOS, the system text, every user turn, the role tags and padding. The template's terminator (sep2) is
+  tokenized with its special pieces parsed: llama-2's `" </s><s>"` gives `▁` and `</s>` (supervised) and the
+  next turn's `<s>` (input, -100). A template whose terminator holds no `</s>` is refused. Text inside messages
+  is never parsed for special tokens: a reply containing the characters "</s>" does not produce an extra id 2.
 - Labels are aligned with the ids (label[t] == ids[t] where supervised); the trainer shifts once (the model reads
   ids[:-1] and is scored on labels[1:]).
 - A sample is `seq_length + 1` tokens (the seed's layout), padded on the right with `pad_id` (labels -100).
@@ -27,6 +29,7 @@ whole rendered prompt with `parse_special=True`, and the label of each token is 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,26 +192,64 @@ def _encode_plain(tok: Tokenizer, text: str, dummy_prefix: bool) -> list[int]:
     return tok.encode_continuation(text)
 
 
+def _split_terminator(tok: Tokenizer, sep2: str, template: str) -> list[str]:
+    """The template's turn terminator cut into text pieces and the BOS/EOS pieces written in it, e.g. llama-2's
+    `" </s><s>"` -> `[" ", "</s>", "<s>"]`; ValueError when it writes no EOS piece (no reply end to learn)."""
+    specials = [tok.id_to_piece(tok.eos_id), tok.id_to_piece(tok.bos_id)]
+    pattern = "(" + "|".join(re.escape(x) for x in specials) + ")"
+    parts = [x for x in re.split(pattern, sep2) if x]
+    if specials[0] not in parts:
+        raise ValueError(
+            f"template {template!r}: its turn terminator (sep2) {sep2!r} does not contain the tokenizer's EOS piece "
+            f"{specials[0]!r}; SFT supervises the EOS that ends each reply, so use a template whose replies end "
+            f"with it (e.g. vicuna_v1.1 or llama-2)"
+        )
+    return parts
+
+
 def tokenize_conversation(
     tok: Tokenizer, texts: Sequence[str], system: str | None = None, template: str = DEFAULT_TEMPLATE
 ) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one conversation, unpadded: BOS, then every segment; labels aligned with the ids."""
+    """(ids, labels) of one conversation, unpadded: BOS, then every segment; labels aligned with the ids.
+
+    A reply's terminator is tokenized with its special pieces parsed: the text before the first one joins the
+    reply text (llama-2's `" Hello </s><s>"` -> `▁Hello ▁ </s> <s>`), the EOS is supervised, and what follows it
+    (llama-2's next-turn BOS) is input (label -100).
+    """
     sep2 = _template(template).sep2
+    parts = _split_terminator(tok, sep2, template)
+    specials = {tok.id_to_piece(tok.eos_id): tok.eos_id, tok.id_to_piece(tok.bos_id): tok.bos_id}
     ids: list[int] = [tok.bos_id]
     labels: list[int] = [IGNORE_INDEX]
     after_special = True  # the text starts a fragment (after BOS): it gets the dummy prefix
+    pending = ""  # terminator text after its last special piece: it starts the next prompt segment's fragment
     for seg in render_segments(texts, system, template):
-        if seg.supervised:
-            body = seg.text[: len(seg.text) - len(sep2)]
-            piece = _encode_plain(tok, body, dummy_prefix=after_special) + [tok.eos_id]
-            ids += piece
-            labels += piece
-            after_special = True
-        else:
-            piece = _encode_plain(tok, seg.text, dummy_prefix=after_special)
+        if not seg.supervised:
+            text = pending + seg.text
+            pending = ""
+            piece = _encode_plain(tok, text, dummy_prefix=after_special)
             ids += piece
             labels += [IGNORE_INDEX] * len(piece)
-            after_special = not seg.text and after_special
+            after_special = not text and after_special
+            continue
+        text = seg.text[: len(seg.text) - len(sep2)]
+        supervised = True
+        for part in parts:
+            if part not in specials:
+                text += part
+                continue
+            piece = _encode_plain(tok, text, dummy_prefix=after_special)
+            ids += piece
+            labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+            ids.append(specials[part])
+            labels.append(specials[part] if supervised else IGNORE_INDEX)
+            supervised = supervised and specials[part] != tok.eos_id
+            text, after_special = "", True
+        pending = text
+    if pending:
+        piece = _encode_plain(tok, pending, dummy_prefix=after_special)
+        ids += piece
+        labels += [IGNORE_INDEX] * len(piece)
     return ids, labels
 
 

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llama2.core.atomic import atomic_dir
 from llama2.core.config import ModelConfig
 from llama2.core.graph import named_params
 from llama2.peft.base import _runtime, adapter_config, attached_adapters, get_adapter, rebuild
 
 __all__ = [
     "save_adapter",
+    "write_adapter_files",
     "load_adapter",
     "adapter_state",
     "read_adapter_config",
@@ -35,23 +38,48 @@ _IGNORED_FIELDS = ("max_seq_len",)
 
 
 def save_adapter(model: Any, path: str | Path) -> Path:
-    """Write the attached adapters of a model/runtime to folder `path` (created; files replaced atomically)."""
+    """Write the attached adapters of a model/runtime to folder `path` atomically: a temp folder renamed into
+    place, holding the new adapter files and hard links to (or copies of) the folder's other files, such as base
+    weights saved beside the adapter; a failed save leaves the folder as it was."""
     runtime = _runtime(model)
     adapters = attached_adapters(runtime)
     if not adapters:
         raise ValueError("this model has no adapter attached; nothing to save (use Model.save for full weights)")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    meta, tensors = adapter_state(runtime)
+    with atomic_dir(path, overwrite=True) as tmp:  # weights and config are replaced together or not at all
+        if path.is_dir():
+            _carry_over(path, tmp)  # e.g. the base weights the adapter is saved beside
+        write_adapter_files(runtime, tmp)
+    return path
+
+
+def _carry_over(src: Path, dst: Path) -> None:
+    """Hard-link (copy where links fail) every entry of `src` but the adapter files into `dst`."""
+
+    def link_or_copy(a: str | Path, b: str | Path) -> None:
+        try:
+            os.link(a, b, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(a, b, follow_symlinks=False)
+
+    for p in src.iterdir():
+        if p.name in (CONFIG_NAME, WEIGHTS_NAME):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.copytree(p, dst / p.name, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(p, dst / p.name)
+
+
+def write_adapter_files(model: Any, directory: str | Path) -> None:
+    """Write adapter_model.safetensors + adapter_config.json into an existing folder that the caller is writing
+    atomically (e.g. a checkpoint's temporary dir); `save_adapter` is the atomic whole-folder save."""
     from safetensors.numpy import save_file
 
-    weights_tmp = path / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
-    save_file(tensors, str(weights_tmp), metadata={"format": "np"})
-    os.replace(weights_tmp, path / WEIGHTS_NAME)
-    config_tmp = path / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-    config_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(config_tmp, path / CONFIG_NAME)
-    return path
+    meta, tensors = adapter_state(_runtime(model))
+    directory = Path(directory)
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "np"})
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def adapter_state(model: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

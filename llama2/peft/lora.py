@@ -49,6 +49,16 @@ class LoRAConfig(AdapterConfig):
     targets: tuple[str, ...] = attrs.field(default=DEFAULT_TARGETS, converter=tuple)
     use_rslora: bool = False
 
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "") -> LoRAConfig:
+        """As `AdapterConfig.from_dict`, with `rank` accepted as an alias of `r` (the CLI's --rank)."""
+        if "rank" in data:
+            if "r" in data:
+                where = f" in {source}" if source else ""
+                raise ValueError(f"LoRAConfig: give the rank as `r` or as `rank`, not both{where}")
+            data = {("r" if k == "rank" else k): v for k, v in data.items()}
+        return super().from_dict(data, source)
+
     @property
     def scale(self) -> float:
         return float(self.alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mindspore import nn, ops
 
-from llama2.backends.mindspore.layers import AttentionCell, cast_like, zeros_param
+from llama2.backends.mindspore.layers import AttentionCell, linear, zeros_param
 from llama2.core.backend import Backend
 from llama2.peft.lora import LoRALinear
 from llama2.peft.prefix import PrefixAttention
@@ -32,7 +32,7 @@ class LoRALinearCell(nn.Cell):
         h = x
         if self.use_dropout:
             h = self.dropout(x)
-        return ops.dense(x, cast_like(self.weight, x)) + self.lora_B(self.lora_A(h)) * self.scale
+        return linear(x, self.weight) + self.lora_B(self.lora_A(h)) * self.scale
 
 
 class PrefixMLPCell(nn.Cell):

@@ -21,6 +21,7 @@ from torch import nn
 __all__ = [
     "DistInfo",
     "init_from_env",
+    "torchrun_device_id",
     "is_distributed",
     "world_size",
     "rank",
@@ -38,11 +39,12 @@ class DistInfo(NamedTuple):
     local_rank: int
 
 
-def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+def init_from_env(backend: str | None = None, timeout_s: float = 1800.0, device_id: int | None = None) -> DistInfo:
     """Initialize the default process group from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
     backend: "nccl" when CUDA is available, else "gloo", unless given. Without WORLD_SIZE (a plain single
-    process) nothing is initialized and (0, 1, 0) is returned. Idempotent.
+    process) nothing is initialized and (0, 1, 0) is returned. Idempotent. With NCCL the current CUDA device is
+    `device_id` (the runtime's; see `torchrun_device_id`), LOCAL_RANK when None.
     """
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,9 +59,26 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> Dist
         raise RuntimeError("this torch build has no torch.distributed support")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank if device_id is None else device_id)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def torchrun_device_id(device: str, device_id: int) -> int:
+    """The CUDA device a process should use: torchrun's LOCAL_RANK on GPU when WORLD_SIZE > 1 and `device_id` is
+    left at its default 0, else `device_id` unchanged (always on CPU, in a single process, and when one is given)."""
+    if device == "cpu" or device_id != 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device_id
+    value = os.environ.get("LOCAL_RANK")
+    if value is None:
+        raise RuntimeError("WORLD_SIZE > 1 but LOCAL_RANK is unset in the environment; launch with torchrun")
+    try:
+        local = int(value)
+    except ValueError:
+        raise ValueError(f"torchrun's LOCAL_RANK environment variable must be an integer, got {value!r}") from None
+    if local < 0:
+        raise ValueError(f"torchrun's LOCAL_RANK environment variable must be >= 0, got {local}")
+    return local
 
 
 def is_distributed() -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -178,18 +179,11 @@ class TorchRuntime(Runtime):
         start: int,
         last_only: bool = True,
     ) -> np.ndarray:
-        ids = np.asarray(ids)
-        b, t = ids.shape
+        ids, positions, kv_mask = self._check_decode_args(cache.batch, cache.max_len, ids, positions, kv_mask, start)
+        t = ids.shape[1]
         end = start + t
-        if end > cache.max_len:
-            raise ValueError(f"decode writes slots [{start}, {end}) but the KV cache holds {cache.max_len}")
-        if b != cache.batch or np.shape(kv_mask) != (b, cache.max_len):
-            raise ValueError(
-                f"decode: ids batch {b} / kv_mask shape {np.shape(kv_mask)} do not match the cache "
-                f"(batch {cache.batch}, max_len {cache.max_len})"
-            )
         with torch.inference_mode():
-            kv = self._tensor(np.asarray(kv_mask)[:, :end], torch.bool)
+            kv = self._tensor(kv_mask[:, :end], torch.bool)
             mask = causal_mask(kv, t, start)
             with self.autocast():
                 out = self.net(self._tensor(ids), self._tensor(positions), mask, cache, start, last_only)
@@ -245,11 +239,15 @@ class TorchBackend(Backend):
 
     def build(self, graph: Llama, options: RuntimeOptions | None = None, fsdp: bool = False) -> TorchRuntime:
         """Lower `graph` once (zero weights). `fsdp=True` shards parameters over the initialized process group."""
-        options = options or RuntimeOptions()
-        resolve_device(options)  # fail before allocating anything
-        from llama2.backends.torch.distributed import init_from_env
+        from llama2.backends.torch.distributed import init_from_env, torchrun_device_id
 
-        init_from_env()  # under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU)
+        options = options or RuntimeOptions()
+        # under torchrun on GPU: rank i takes cuda:LOCAL_RANK unless a device id is given
+        options = attrs.evolve(options, device_id=torchrun_device_id(options.device, options.device_id))
+        device = resolve_device(options)  # fail before allocating anything
+        init_from_env(
+            device_id=device.index
+        )  # under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU)
         module = self.lower(graph)
         if not isinstance(module, TorchLlama):
             raise TypeError(f"the lowering of {type(graph).__name__} must return a TorchLlama, got {type(module)}")
