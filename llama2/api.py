@@ -31,6 +31,15 @@ def load(
     run_ckpt = _run_checkpoint(path)
     if run_ckpt is not None:
         path = run_ckpt
+    base = _adapter_run_base(path)
+    if base is not None:  # an adapter finetune's checkpoint: the base model it started from + the adapter
+        if tokenizer is None and (path / "tokenizer.model").is_file():
+            tokenizer = path / "tokenizer.model"
+        model = load(base, backend=backend, tokenizer=tokenizer, **options)
+        from llama2.peft import load_adapter
+
+        load_adapter(model, path)
+        return model
     ckpt = open_checkpoint(path, fmt)
     if tokenizer is None and ckpt.tokenizer_path is not None:
         tokenizer = ckpt.tokenizer_path
@@ -55,6 +64,33 @@ def _run_checkpoint(path: Path) -> Path | None:
     return latest_checkpoint(path, on_skip=lambda msg: warnings.warn(f"{path}: {msg}", stacklevel=3))
 
 
+def _adapter_run_base(path: Path) -> Path | None:
+    """The base model of an adapter finetune's checkpoint dir (its trainer_state.json names it), else None."""
+    import json
+
+    from llama2.core.run_dir import STATE_FILE
+
+    state_file = path / STATE_FILE
+    if not (path.is_dir() and state_file.is_file()):
+        return None
+    try:
+        finetune = json.loads(state_file.read_text(encoding="utf-8")).get("finetune") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not finetune.get("adapter"):
+        return None
+    base = finetune.get("base_model")
+    if base is None or not Path(base).exists():
+        raise FileNotFoundError(
+            f"{path} holds only the {finetune.get('method', 'adapter')} adapter of a finetune run; its base model "
+            + (f"{base} is gone" if base else "was not recorded (it was finetuned from an in-memory Model)")
+            + ". Load the base and attach the adapter: model = llama2.load(BASE); "
+            f"llama2.peft.load_adapter(model, {str(path)!r}) (or the run's adapter/ folder); or merge them into a "
+            f"full checkpoint with `llama2 merge-lora --model BASE --adapter {path} --output OUT` (LoRA)"
+        )
+    return Path(base)
+
+
 def _attach_adapters(model: Model, path: Path) -> None:
     """Apply adapter files saved beside the weights (adapter_config.json), when present."""
     if path.is_dir() and (path / "adapter_config.json").exists():
@@ -63,15 +99,17 @@ def _attach_adapters(model: Model, path: Path) -> None:
         load_adapter(model, path)
 
 
-def pretrain(config: Any, **kwargs: Any) -> Model:
-    """Pretrain a model from a config/preset on a records file; see `llama2.pretraining.pretrain`."""
+def pretrain(config: Any = None, **kwargs: Any) -> Model:
+    """Pretrain a model from a config/preset on a records file (config None + resume=True: continue the run in
+    out_dir with its recorded settings); see `llama2.pretraining.pretrain`."""
     from llama2.pretraining import pretrain as _pretrain
 
     return _pretrain(config, **kwargs)
 
 
-def finetune(model: Model | str | Path, **kwargs: Any) -> Model:
-    """Supervised finetuning (full, LoRA, prefix or a plugin adapter); see `llama2.finetuning.finetune`."""
+def finetune(model: Model | str | Path | None = None, **kwargs: Any) -> Model:
+    """Supervised finetuning (full, LoRA, prefix or a plugin adapter; model None + resume=True: continue the run in
+    out_dir with its recorded base model and settings); see `llama2.finetuning.finetune`."""
     from llama2.finetuning import finetune as _finetune
 
     return _finetune(model, **kwargs)

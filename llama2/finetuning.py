@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llama2.core import run_dir as rd
-from llama2.core.train_config import TrainConfig
+from llama2.core.train_config import resolve_run_options, resolve_train_config
 from llama2.core.trainer import TrainData, Trainer, detect_rank_world
 
 if TYPE_CHECKING:
@@ -128,36 +128,36 @@ def _load_model(model: Any, tokenizer: Any, backend: str, options: dict[str, Any
 
 
 def finetune(
-    model: Model | str | Path,
-    data: Any,
+    model: Model | str | Path | None = None,
+    data: Any = None,
     *,
-    method: str = "full",
-    out_dir: str | Path,
+    method: str | None = None,
+    out_dir: str | Path | None = None,
     steps: int | None = None,
     epochs: float | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     micro_batch_size: int | None = None,
     seq_length: int | None = None,
     lr: float | None = None,
     min_lr: float | None = None,
-    warmup_steps: int = 0,
-    schedule: str = "cosine",
-    weight_decay: float = 0.0,
-    grad_clip: float | None = 1.0,
-    betas: tuple[float, float] = (0.9, 0.95),
-    eps: float = 1e-8,
-    seed: int = 0,
-    save_every: int = 0,
-    keep: int = 3,
-    log_every: int = 1,
+    warmup_steps: int | None = None,
+    schedule: str | None = None,
+    weight_decay: float | None = None,
+    grad_clip: float | None = None,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+    seed: int | None = None,
+    save_every: int | None = None,
+    keep: int | None = None,
+    log_every: int | None = None,
     resume: bool = False,
-    backend: str = "mindspore",
-    mode: str = "graph",
-    device: str = "cpu",
-    dtype: str = "float32",
+    backend: str | None = None,
+    mode: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     tokenizer: Any = None,
     template: str | None = None,
-    overflow: str = "truncate",
+    overflow: str | None = None,
     adapter_config: Any = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -166,39 +166,80 @@ def finetune(
 ) -> Model:
     """Finetune `model` (a Model, or a checkpoint path loaded with `llama2.load`) on SFT `data`; returns it.
 
-    method: "full", "lora", "prefix" or a plugin adapter's name; `adapter_options` (e.g. rank=8, alpha=16,
-    targets=[...], n_virtual=16) or `adapter_config` configure the adapter. steps or epochs (default 1 epoch)
-    set the length; lr defaults to 1e-5 for full finetuning and 1e-4 for adapters. data: see `load_sft_data`
-    (JSON data is tokenized with the model's tokenizer into seq_length + 1 token samples).
+    method: "full" (default), "lora", "prefix" or a plugin adapter's name; `adapter_options` (e.g. rank=8,
+    alpha=16, targets=[...], n_virtual=16) or `adapter_config` configure the adapter. steps or epochs (default 1
+    epoch) set the length; lr defaults to 1e-5 for full finetuning and 1e-4 for adapters; weight_decay 0,
+    grad_clip 1.0 (0: none), the other settings as `llama2.pretrain`. None means "not given". data: see
+    `load_sft_data` (JSON data is tokenized with the model's tokenizer into seq_length + 1 token samples).
 
     out_dir gets metrics.jsonl and checkpoints/step_N (full: the whole model, loadable with `llama2.load(out_dir)`;
-    adapters: only the adapter's tensors, plus OUT_DIR/adapter/ written at the end, loadable onto the base model
-    with `llama2.peft.load_adapter`). A given Model is updated in place (full: its weights; adapters: its runtime
-    is rebuilt with the adapter attached) and returned. `resume=True` continues the run in out_dir.
+    adapters: only the adapter's tensors, plus OUT_DIR/adapter/ written at the end; `llama2.load(out_dir)` loads
+    the base model recorded at finetune time (when `model` was a path) and attaches the newest adapter). A given
+    Model is updated in place (full: its weights; adapters: its runtime is rebuilt with the adapter attached).
+
+    `resume=True` continues the run in out_dir with its recorded settings (method, adapter options, base model
+    path, data file, template, training settings, backend/mode/device/dtype): `finetune(None, out_dir=run,
+    resume=True)`. Given values override them, except batch_size, seq_length, seed, data, method and adapter
+    options, which would change the data or the trained graph mid-run (ResumeMismatchError).
     """
+    from llama2.pretraining import explicit_settings, resumed_data
+
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if out_dir is None:
         raise ValueError("finetune needs out_dir= (checkpoints and metrics.jsonl go there)")
     out_dir = Path(out_dir)
-    entry = resolve_method(method)
-    if entry is None and (adapter_options or adapter_config is not None):
-        raise TypeError(f"method 'full' takes no adapter options; got {sorted(adapter_options) or 'adapter_config'}")
     if rd.list_checkpoints(out_dir) and not resume:
         raise ValueError(
             f"{out_dir} already holds checkpoints of an earlier run; pass resume=True (--resume) to continue it, "
             "or use a new out_dir"
         )
-    options = {"mode": mode, "device": device, "dtype": dtype}
-    base = _load_model(model, tokenizer, backend, options)
+    resume_from = rd.latest_checkpoint(out_dir) if resume and rd.list_checkpoints(out_dir) else None
+    state = rd.read_trainer_state(resume_from) if resume_from is not None else None
+    source = str(resume_from / rd.STATE_FILE) if resume_from is not None else str(out_dir)
+    saved_ft = (state or {}).get("finetune") or {}
+    if method is None:
+        method = saved_ft.get("method", "full")
+    elif state is not None and saved_ft.get("method", method) != method:
+        raise rd.ResumeMismatchError(
+            f"cannot resume {source}: the run finetunes with method {saved_ft['method']!r}, not {method!r}; "
+            "leave method out to continue it, or use a new out_dir"
+        )
+    entry = resolve_method(method)
+    if entry is None and (adapter_options or adapter_config is not None):
+        raise TypeError(f"method 'full' takes no adapter options; got {sorted(adapter_options) or 'adapter_config'}")
+    saved_adapter = (saved_ft.get("adapter") or {}).get("config") if entry is not None else None
+    if saved_adapter is not None:
+        adapter_config = _resumed_adapter_config(method, saved_adapter, adapter_config, adapter_options, source)
+        adapter_options = {}
+    template = template if template is not None else saved_ft.get("template")
+    overflow = overflow if overflow is not None else saved_ft.get("overflow", "truncate")
+    data = resumed_data(data, state, source)
+    opts = resolve_run_options(dict(backend=backend, mode=mode, device=device, dtype=dtype), state)
+
+    base_path = _base_path(model) or saved_ft.get("base_model")  # a resumed run keeps the base it started from
+    if model is None and state is not None:
+        if entry is None:
+            model = resume_from  # a full finetune's checkpoint holds the whole model
+        else:
+            model = base_path = saved_ft.get("base_model")
+            if model is None or not Path(model).exists():
+                raise FileNotFoundError(
+                    f"{source}: the run's base model {model or '(not recorded)'} is not there; pass the base model "
+                    "(model= / --model) to resume this adapter run"
+                )
+    if model is None:
+        raise ValueError("finetune needs a model (a Model or a checkpoint path), or resume=True on a run dir")
+    base = _load_model(model, tokenizer, opts["backend"], {k: opts[k] for k in ("mode", "device", "dtype")})
+    saved_train = None if state is None else state.get("train_config", {})
+    if seq_length is None and saved_train is not None:
+        seq_length = saved_train.get("seq_length")
     dataset = load_sft_data(
         data, tokenizer=base.tokenizer, seq_length=seq_length, template=template, overflow=overflow, log=log
     )
-    if lr is None:
-        lr = DEFAULT_LR.get(method, getattr(entry, "default_lr", 1e-4))
-    train = TrainConfig(
-        steps=_steps(steps, epochs, dataset.n_samples, batch_size),
+    given = dict(
         batch_size=batch_size,
         micro_batch_size=micro_batch_size,
+        seq_length=seq_length,
         lr=lr,
         min_lr=min_lr,
         warmup_steps=warmup_steps,
@@ -212,16 +253,24 @@ def finetune(
         keep=keep,
         log_every=log_every,
     )
+    given = explicit_settings(given)
+    if steps is not None or epochs is not None or saved_train is None:
+        size = given.get("batch_size", (saved_train or {}).get("batch_size", 8))
+        given["steps"] = _steps(steps, epochs, dataset.n_samples, size)
+    defaults = {"weight_decay": 0.0, "lr": DEFAULT_LR.get(method, getattr(entry, "default_lr", 1e-4))}
+    train = resolve_train_config(given, saved=saved_train, defaults=defaults, source=source, log=log)
 
     if entry is None:
         tuned, adapter = base, None
         tuned.runtime.set_trainable(lambda name: True)
-    elif resume and rd.list_checkpoints(out_dir) and method in _attached(base):
-        tuned, adapter = base, _Adapter(base, method)  # resuming in the same process: already attached
+    elif resume_from is not None and method in _attached(base):  # resuming in the same process: already attached
+        if saved_adapter is not None:
+            _resumed_adapter_config(method, saved_adapter, _attached(base)[method], {}, source)
+        tuned, adapter = base, _Adapter(base, method)
     else:
         from llama2.peft import attach_adapter
 
-        tuned = attach_adapter(base, method, adapter_config, seed=seed, **adapter_options)
+        tuned = attach_adapter(base, method, adapter_config, seed=train.seed, **adapter_options)
         adapter = _Adapter(tuned, method)
 
     rank, world = detect_rank_world()
@@ -231,6 +280,7 @@ def finetune(
         trainer_kwargs["model_tensors"] = adapter.tensors
         trainer_kwargs["checkpoint_names"] = adapter.names  # resume loads exactly the adapter's tensors
         trainer_kwargs["on_save"] = adapter.write_files
+    ro = tuned.runtime.options
     trainer = Trainer(
         tuned.runtime,
         train,
@@ -242,10 +292,19 @@ def finetune(
         progress=progress,
         log=log,
         extra_state={
-            "finetune": {"method": method, "adapter": None if adapter is None else adapter.describe()},
+            "finetune": {
+                "method": method,
+                "adapter": None if adapter is None else adapter.describe(),
+                "base_model": base_path,
+                "template": template,
+                "overflow": overflow,
+            },
             "backend": tuned.runtime.backend_name,
-            "mode": tuned.runtime.options.mode,
+            "mode": ro.mode,
+            "device": ro.device,
+            "dtype": ro.dtype,
         },
+        data_path=data if isinstance(data, str | Path) else None,
         **trainer_kwargs,
     )
     if resume:
@@ -263,6 +322,45 @@ def finetune(
     if adapter is not None and rank == 0:
         adapter.save(out_dir / ADAPTER_DIR)
     return tuned
+
+
+def _base_path(model: Any) -> str | None:
+    """The absolute path of a base model given as a path (a training run dir: its newest checkpoint), else None."""
+    if not isinstance(model, str | Path):
+        return None
+    path = Path(model).resolve()
+    if path.is_dir() and (path / rd.CHECKPOINTS).is_dir():
+        path = rd.latest_checkpoint(path)
+    return str(path)
+
+
+def _resumed_adapter_config(
+    method: str, saved: dict[str, Any], config: Any, options: dict[str, Any], source: str
+) -> Any:
+    """The run's adapter config; given options must equal it (another adapter cannot continue the run)."""
+    import json
+
+    from llama2.peft.base import adapter_config as make_config
+
+    if config is None and not options:
+        return make_config(method, saved)
+    default = make_config(method).to_dict()
+    wanted = json.loads(json.dumps(make_config(method, config, **options).to_dict()))
+    if config is not None:
+        given = set(wanted)
+    else:  # option names, and fields that an alias (LoRA's `rank`) set away from the default
+        given = {k for k in options if k in wanted} | {k for k, v in wanted.items() if v != default[k]}
+    diffs = [
+        f"finetune.adapter.config.{k}: {saved.get(k)!r} in the checkpoint, {wanted[k]!r} now"
+        for k in sorted(given)
+        if saved.get(k) != wanted[k]
+    ]
+    if diffs:
+        raise rd.ResumeMismatchError(
+            f"cannot resume {source}: the adapter options differ from the run's ({'; '.join(diffs)}); leave them "
+            "out to continue the run with its adapter, or use a new out_dir"
+        )
+    return make_config(method, saved)
 
 
 def _attached(model: Model) -> dict[str, Any]:

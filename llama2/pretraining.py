@@ -11,13 +11,13 @@ import attrs
 
 from llama2.core import run_dir as rd
 from llama2.core.config import ModelConfig
-from llama2.core.train_config import ParallelConfig, TrainConfig
+from llama2.core.train_config import ParallelConfig, TrainConfig, resolve_run_options, resolve_train_config
 from llama2.core.trainer import TrainData, Trainer, detect_rank_world
 
 if TYPE_CHECKING:
     from llama2.core.model import Model
 
-__all__ = ["pretrain", "load_training_data", "resolve_model_config"]
+__all__ = ["pretrain", "load_training_data", "resolve_model_config", "explicit_settings", "resumed_data"]
 
 _TRAIN_FIELDS = {a.name for a in attrs.fields(TrainConfig)}
 
@@ -58,27 +58,27 @@ def load_training_data(data: Any, seq_length: int | None = None) -> TrainData:
 
 
 def pretrain(
-    config_or_preset: ModelConfig | str | dict | Model | None,
-    data: Any,
-    out_dir: str | Path,
+    config_or_preset: ModelConfig | str | dict | Model | None = None,
+    data: Any = None,
+    out_dir: str | Path | None = None,
     *,
-    steps: int = 1000,
-    batch_size: int = 8,
+    steps: int | None = None,
+    batch_size: int | None = None,
     micro_batch_size: int | None = None,
     seq_length: int | None = None,
-    lr: float = 3e-4,
+    lr: float | None = None,
     min_lr: float | None = None,
-    warmup_steps: int = 0,
-    weight_decay: float = 0.1,
-    grad_clip: float | None = 1.0,
-    seed: int = 0,
-    save_every: int = 0,
-    keep: int = 3,
+    warmup_steps: int | None = None,
+    weight_decay: float | None = None,
+    grad_clip: float | None = None,
+    seed: int | None = None,
+    save_every: int | None = None,
+    keep: int | None = None,
     resume: bool = False,
-    backend: str = "mindspore",
-    mode: str = "graph",
-    device: str = "cpu",
-    dtype: str = "float32",
+    backend: str | None = None,
+    mode: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     tokenizer: Any = None,
     parallel: ParallelConfig | dict | None = None,
     progress: bool = True,
@@ -92,8 +92,16 @@ def pretrain(
     path, or a `Model` (trained in place, keeping its weights and backend); None with `resume=True` takes the
     config of the run's checkpoint. data: see `load_training_data`. The other arguments
     are `TrainConfig` fields (extra ones, e.g. `schedule`, `betas`, `log_every`, go in `train_options`) and
-    RuntimeOptions (backend, mode, device, dtype). `resume=True` continues from the newest readable checkpoint
-    in `out_dir` exactly where it stopped. `stop_after` ends the run early after that step (for tests/demos).
+    RuntimeOptions (backend, mode, device, dtype). None means "not given": a fresh run takes the defaults (steps
+    1000, batch_size 8, lr 3e-4, min_lr lr/10, warmup_steps 0, weight_decay 0.1, grad_clip 1.0 (0: no clipping),
+    seed 0, save_every 0, keep 3, backend mindspore, mode graph, device cpu, dtype float32).
+
+    `resume=True` continues from the newest readable checkpoint in `out_dir` exactly where it stopped, with the
+    run's model config, training settings, backend/mode/device/dtype and data file (all in its
+    trainer_state.json): `pretrain(None, out_dir=run, resume=True)`. Values given explicitly override them
+    (e.g. a larger `steps` to train longer, a new `lr`), except batch_size, seq_length, seed, shuffle and other
+    data, which would change what the remaining steps read: those raise ResumeMismatchError.
+    `stop_after` ends the run early after that step (for tests/demos).
     """
     from llama2.core.model import Model, build_runtime
 
@@ -104,7 +112,7 @@ def pretrain(
     unknown = sorted(set(train_options) - _TRAIN_FIELDS)
     if unknown:
         raise TypeError(f"pretrain() got unknown option(s) {unknown}; TrainConfig fields: {sorted(_TRAIN_FIELDS)}")
-    train = TrainConfig(
+    given = dict(
         steps=steps,
         batch_size=batch_size,
         micro_batch_size=micro_batch_size,
@@ -119,11 +127,13 @@ def pretrain(
         keep=keep,
         **train_options,
     )
+    given = explicit_settings(given)
 
     given_model = config_or_preset if isinstance(config_or_preset, Model) else None
-    resume_from = None
+    resume_from, state = None, None
     if resume and rd.list_checkpoints(out_dir):
         resume_from = rd.latest_checkpoint(out_dir)  # the Trainer reports (and skips) corrupt ones
+        state = rd.read_trainer_state(resume_from)
         if config_or_preset is None:
             config_or_preset = rd.read_model_config(resume_from)
     elif not resume and rd.list_checkpoints(out_dir):
@@ -139,28 +149,37 @@ def pretrain(
             f"{resume_from / rd.CONFIG_FILE}: the run's model config differs from the requested one; "
             "resume with the same config (or config=None to take the run's)"
         )
+    source = str(resume_from / rd.STATE_FILE) if resume_from is not None else str(out_dir)
+    train = resolve_train_config(
+        given, saved=None if state is None else state.get("train_config", {}), source=source, log=log
+    )
+    opts = resolve_run_options(dict(backend=backend, mode=mode, device=device, dtype=dtype), state)
+    data = resumed_data(data, state, source)
 
     if tokenizer is None and given_model is not None:
         tokenizer = given_model.tokenizer
     tok, tok_file = _tokenizer(tokenizer, config)
     if tok_file is None and resume_from is not None and (resume_from / rd.TOKENIZER_FILE).is_file():
         tok_file = resume_from / rd.TOKENIZER_FILE
-    dataset = load_training_data(data, seq_length)
+    dataset = load_training_data(data, train.seq_length)
 
     rank, world = detect_rank_world()
     par = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.from_dict(dict(parallel or {}))
     if parallel is None and world > 1:
         par = ParallelConfig(data_parallel=world)
-    par.validate(world_size=world, device=device, model=config)
+    par.validate(world_size=world, device=opts["device"], model=config)
     if par.model_parallel > 1 or par.pipeline_stage > 1:
         raise ValueError("model_parallel/pipeline_stage > 1 are not supported by pretrain yet; use data_parallel")
 
     if given_model is not None:
         runtime = given_model.runtime
-        backend, mode = runtime.backend_name, runtime.options.mode
+        ro = runtime.options
+        opts = {"backend": runtime.backend_name, "mode": ro.mode, "device": ro.device, "dtype": ro.dtype}
     else:
-        runtime = build_runtime(config, backend, mode=mode, device=device, dtype=dtype, seed=seed)
-        runtime.init_weights(seed)
+        runtime = build_runtime(
+            config, opts["backend"], mode=opts["mode"], device=opts["device"], dtype=opts["dtype"], seed=train.seed
+        )
+        runtime.init_weights(train.seed)
     trainer = Trainer(
         runtime,
         train,
@@ -171,7 +190,8 @@ def pretrain(
         tokenizer_file=tok_file,
         progress=progress,
         log=log,
-        extra_state={"parallel_config": par.to_dict(), "backend": backend, "mode": mode},
+        extra_state={"parallel_config": par.to_dict(), **opts},
+        data_path=data if isinstance(data, str | Path) else None,
     )
     if resume_from is not None:
         trainer.resume()
@@ -181,7 +201,8 @@ def pretrain(
         log(
             f"pretraining {config.num_parameters():,} parameters on {dataset.n_samples} samples x "
             f"{dataset.seq_length} tokens: steps {trainer.step}->{train.steps}, batch {train.batch_size} "
-            f"(micro {trainer.micro}, {world} rank(s)), backend {backend}/{mode}, out {out_dir}"
+            f"(micro {trainer.micro}, {world} rank(s)), lr {train.lr:g}, backend {opts['backend']}/{opts['mode']}, "
+            f"out {out_dir}"
         )
     trainer.fit(stop_after=stop_after)
     if trainer.step < train.steps:  # stopped early (stop_after): keep the position for resume=True
@@ -190,6 +211,31 @@ def pretrain(
         given_model.tokenizer = tok if tok is not None else given_model.tokenizer
         return given_model
     return Model(runtime, tok)
+
+
+def explicit_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The training settings actually given (None = not given); grad_clip=0 means no clipping."""
+    out = {k: v for k, v in values.items() if v is not None}
+    if out.get("grad_clip") == 0:
+        out["grad_clip"] = None
+    return out
+
+
+def resumed_data(data: Any, state: dict[str, Any] | None, source: str) -> Any:
+    """`data` if given, else the data file the resumed run recorded in its trainer_state.json."""
+    if data is not None or state is None:
+        return data
+    path = (state.get("data") or {}).get("path") if isinstance(state.get("data"), dict) else None
+    if path is None:
+        raise ValueError(
+            f"{source}: the run recorded no data file (it was trained on in-memory data or by an older version); "
+            "pass data= (--data) to resume it"
+        )
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"{source}: the run's data file {path} is gone; pass data= (--data) with its new location"
+        )
+    return path
 
 
 def _tokenizer(tokenizer: Any, config: ModelConfig) -> tuple[Any, Path | None]:

@@ -111,7 +111,7 @@ def test_merge_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _bits_equal(dict(dc.merged_tensors(tmp_path / "re")), t)
     assert (
         main(["merge", "--input", str(tmp_path / "m.ckpt"), "--output", str(tmp_path / "x"), "--model-parallel", "3"])
-        == 1
+        == 2
     )
     assert "model_parallel=3 must divide" in capsys.readouterr().err
 

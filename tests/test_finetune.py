@@ -210,13 +210,27 @@ def test_mismatched_resume_raises_and_leaves_checkpoints_untouched(tmp_path):
     with pytest.raises(rd.ResumeMismatchError) as err:
         finetune(model, data, out_dir=run, resume=True, r=8, **opts)
     msg = str(err.value)
-    assert "step_00000002/model.safetensors" in msg and "has shape (4, 64), this run's is (8, 64)" in msg, msg
+    assert "step_00000002/trainer_state.json" in msg and "adapter options differ from the run's" in msg, msg
     assert "finetune.adapter.config.r: 4 in the checkpoint, 8 now" in msg, msg
     assert _snapshot(run) == before
-    with pytest.raises(
-        rd.ResumeMismatchError, match=r"model.safetensors: has unexpected tensor.*k_proj.lora_A.*config.targets"
-    ):
+    with pytest.raises(rd.ResumeMismatchError, match=r"config.targets: \['q_proj', 'k_proj', 'v_proj', 'o_proj'\]"):
         finetune(tiny(1), data, out_dir=run, resume=True, r=4, targets=["q_proj"], **opts)
+    assert _snapshot(run) == before
+    from llama2.peft import attach_adapter  # a Model that already carries another adapter config
+
+    with pytest.raises(rd.ResumeMismatchError, match="config.alpha: 16.0 in the checkpoint, 4.0 now"):
+        finetune(attach_adapter(tiny(1), "lora", r=4, alpha=4.0), data, out_dir=run, resume=True, **opts)
+    assert _snapshot(run) == before
+    # a run that recorded no adapter config (older versions): the checkpoint's tensor shapes catch the mistake
+    state_file = run / "checkpoints" / "step_00000002" / "trainer_state.json"
+    original = state_file.read_bytes()
+    state = json.loads(original)
+    state_file.write_text(json.dumps({**state, "finetune": {"method": "lora", "adapter": None}}))
+    with pytest.raises(rd.ResumeMismatchError) as err:
+        finetune(tiny(1), data, out_dir=run, resume=True, r=8, **opts)
+    msg = str(err.value)
+    assert "step_00000002/model.safetensors" in msg and "has shape (4, 64), this run's is (8, 64)" in msg, msg
+    state_file.write_bytes(original)
     assert _snapshot(run) == before
 
     # a checkpoint saved without optimizer state (not recorded as written, so intact) cannot resume exactly
@@ -414,3 +428,77 @@ def test_cli_finetune_from_a_yaml_file_on_torch(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     state = json.loads(next((out / "checkpoints").glob("step_*/trainer_state.json")).read_text())
     assert state["backend"] == "torch" and state["finetune"]["method"] == "lora"
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    """The tiny torch model saved as an HF checkpoint dir (a base model given by path)."""
+    return tiny(1).save(tmp_path / "base")
+
+
+def _sft_file(tmp_path):
+    path = tmp_path / "sft.npz"
+    np.savez(path, **_random_sft())
+    return path
+
+
+def test_resume_takes_the_runs_settings_api_and_cli(tmp_path, base_dir, capsys):
+    """finetune(None, out_dir=run, resume=True) / `llama2 finetune --out R --resume` continue with the run's base
+    model, data file, method, adapter options, backend and training settings (not the defaults); a larger steps
+    trains longer; other adapter options, method, batch size or seed are refused."""
+    from llama2.cli import main as cli_main
+    from llama2.core.run_dir import ResumeMismatchError
+    from llama2.peft import adapter_params
+
+    data = _sft_file(tmp_path)
+    opts = dict(method="lora", steps=4, batch_size=2, lr=1e-2, seed=5, r=4, alpha=8.0, backend="torch", progress=False)
+    straight = finetune(str(base_dir), str(data), out_dir=tmp_path / "a", **opts)
+    finetune(str(base_dir), str(data), out_dir=tmp_path / "b", stop_after=2, **opts)
+    resumed = finetune(None, out_dir=tmp_path / "b", resume=True, progress=False)
+    assert resumed.runtime.backend_name == "torch"
+    for n in adapter_params(straight):
+        np.testing.assert_allclose(resumed.runtime.get_param(n), straight.runtime.get_param(n), atol=1e-6, err_msg=n)
+    loss = {r: [json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab"}
+    np.testing.assert_allclose(loss["b"], loss["a"], rtol=1e-5)
+    state = json.loads((list_checkpoints(tmp_path / "b")[-1] / "trainer_state.json").read_text())
+    assert state["finetune"]["base_model"] == str(base_dir.resolve()) and state["data"]["path"] == str(data.resolve())
+    for bad, match in (
+        (dict(r=8), "config.r: 4 in the checkpoint, 8 now"),
+        (dict(rank=2), "config.r: 4 in the checkpoint, 2 now"),
+        (dict(targets=["q_proj"]), r"config.targets: \['q_proj', 'k_proj', 'v_proj', 'o_proj'\] in the checkpoint"),
+        (dict(method="prefix"), "method 'lora', not 'prefix'"),
+        (dict(batch_size=4), "batch_size was 2 in the run, 4 now"),
+        (dict(seed=0), "seed was 5 in the run, 0 now"),
+    ):
+        with pytest.raises(ResumeMismatchError, match=match):
+            finetune(None, out_dir=tmp_path / "b", resume=True, steps=6, progress=False, **bad)
+    capsys.readouterr()
+    run = str(tmp_path / "b")
+    assert cli_main(["finetune", "--out", run, "--resume", "--steps", "5", "--no-progress"]) == 0
+    assert "finetuned (lora)" in capsys.readouterr().out
+    state = json.loads((list_checkpoints(tmp_path / "b")[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["backend"] == "torch" and state["finetune"]["adapter"]["config"]["r"] == 4
+    assert (state["train_config"]["lr"], state["train_config"]["batch_size"]) == (1e-2, 2)
+    assert cli_main(["finetune", "--out", run, "--resume", "--rank", "8", "--no-progress"]) != 0
+    assert "config.r: 4 in the checkpoint, 8 now" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,options", [("lora", {"r": 4}), ("prefix", {"n_virtual": 4, "lr": 0.1})])
+def test_load_adapter_run_attaches_the_adapter_to_its_base(tmp_path, base_dir, method, options):
+    """llama2.load(RUN) on an adapter run loads the recorded base model and attaches the newest checkpoint's
+    adapter: the logits equal the returned tuned model's; without the base a clear error says what to do."""
+    import llama2
+    from llama2.peft import load_adapter
+
+    run = tmp_path / "run"
+    opts = dict(steps=2, batch_size=2, backend="torch", progress=False, lr=1e-2)
+    tuned = finetune(str(base_dir), _sft_file(tmp_path), method=method, out_dir=run, **{**opts, **options})
+    ids = _random_sft(n=2, length=12, seed=1)["input_ids"]
+    want = tuned.forward(ids)
+    assert np.abs(want - llama2.load(base_dir, backend="torch").forward(ids)).max() > 1e-6  # the adapter matters
+    np.testing.assert_allclose(llama2.load(run, backend="torch").forward(ids), want, atol=1e-5)
+    moved = base_dir.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=rf"{method} adapter.*base model {base_dir} is gone.*load_adapter"):
+        llama2.load(run, backend="torch")
+    model = load_adapter(llama2.load(moved, backend="torch"), run / "adapter")  # the way the error points to
+    np.testing.assert_allclose(model.forward(ids), want, atol=1e-5)

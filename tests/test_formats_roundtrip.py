@@ -154,7 +154,7 @@ def test_cli_convert_and_info(hf_models, tmp_path, capsys):
     out = tmp_path / "m.ckpt"
     assert main(["convert", "--input", str(src), "--output", str(out)]) == 0
     assert detect_format(out) == "mindspore"
-    assert main(["convert", "--input", str(src), "--output", str(out)]) == 1  # exists, no --force
+    assert main(["convert", "--input", str(src), "--output", str(out)]) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", "--input", str(out), "--output", str(tmp_path / "meta"), "--to", "meta",
                  "--model-parallel", "2"]) == 0  # fmt: skip

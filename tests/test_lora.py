@@ -196,7 +196,7 @@ def test_merge_lora_command(tmp_path):
     peft.save_adapter(p, tmp_path / "pre")
     rc = main(["merge-lora", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "pre"),
                "--output", str(tmp_path / "bad")])  # fmt: skip
-    assert rc == 1 and not (tmp_path / "bad").exists()
+    assert rc == 2 and not (tmp_path / "bad").exists()
 
 
 def test_linear_untouched_outside_targets():

@@ -64,6 +64,59 @@ def test_resume_equals_uninterrupted_and_corrupt_fallback(tmp_path, backend: str
         llama2.load(full, backend=backend)
 
 
+def _state(run) -> dict:
+    return json.loads((sorted((run / "checkpoints").iterdir())[-1] / "trainer_state.json").read_text())
+
+
+def test_resume_restores_the_runs_settings_api_and_cli(tmp_path, capsys) -> None:
+    """resume=True / --resume take the run's model, data file, backend and training settings from its newest
+    trainer_state.json: `pretrain(None, out_dir=run, resume=True)` equals the uninterrupted run; a larger `steps`
+    trains longer; batch_size/seed/seq_length/other data are refused; the CLI resumes with `--out R --resume`."""
+    from llama2.core.run_dir import ResumeMismatchError
+
+    rows = tmp_path / "rows.npy"
+    np.save(rows, _data())
+    opts = dict(backend="torch", steps=6, batch_size=4, lr=1e-2, warmup_steps=2, save_every=2, seed=3, progress=False)
+    full, part = tmp_path / "full", tmp_path / "part"
+    llama2.pretrain(CFG, data=str(rows), out_dir=full, schedule="constant", **opts)
+    llama2.pretrain(CFG, data=str(rows), out_dir=part, schedule="constant", stop_after=3, **opts)
+    llama2.pretrain(None, out_dir=part, resume=True, progress=False)  # nothing but the run dir
+    np.testing.assert_allclose(_losses(part), _losses(full), rtol=1e-5)
+    state = _state(part)
+    assert state["step"] == 6 and state["backend"] == "torch" and state["data"]["path"] == str(rows.resolve())
+    assert {k: state["train_config"][k] for k in ("batch_size", "lr", "schedule", "seed")} == {
+        "batch_size": 4,
+        "lr": 1e-2,
+        "schedule": "constant",
+        "seed": 3,
+    }
+    for bad, match in (
+        (dict(batch_size=8), "batch_size was 4 in the run, 8 now"),
+        (dict(seed=0), "seed was 3 in the run, 0 now"),
+        (dict(seq_length=8), "seq_length was None in the run, 8 now"),
+        (dict(data=_data()[:, :9]), "training data differs from the run's"),
+        (dict(data=np.flipud(_data())), "training data differs from the run's"),
+    ):
+        with pytest.raises(ResumeMismatchError, match=match):
+            llama2.pretrain(None, out_dir=part, resume=True, progress=False, steps=8, **bad)
+    # the same rows from another path are accepted (a moved file); a larger steps trains longer
+    moved = tmp_path / "moved.npy"
+    np.save(moved, _data())
+    msgs: list[str] = []
+    llama2.pretrain(None, data=moved, out_dir=part, resume=True, steps=7, progress=False, log=msgs.append)
+    assert any("resuming with steps 7 (the run had 6)" in m for m in msgs), msgs
+    assert _state(part)["step"] == 7 and _state(part)["data"]["path"] == str(moved.resolve())
+    # CLI: the `pretrain --help` example, no --data: the run's batch size, lr and backend, not the defaults
+    capsys.readouterr()
+    assert cli_main(["pretrain", "--out", str(part), "--resume", "--steps", "8", "--no-progress"]) == 0
+    state = _state(part)
+    assert state["step"] == 8 and state["backend"] == "torch"
+    assert (state["train_config"]["batch_size"], state["train_config"]["lr"]) == (4, 1e-2)
+    assert [json.loads(x)["step"] for x in (part / METRICS_FILE).read_text().splitlines()] == list(range(1, 9))
+    assert cli_main(["pretrain", "--out", str(part), "--resume", "--batch-size", "8", "--no-progress"]) != 0
+    assert "batch_size was 4 in the run, 8 now" in capsys.readouterr().err
+
+
 def test_yaml_cli_plot_load_evaluate(tmp_path, capsys) -> None:
     """`llama2 pretrain --config` (YAML, flags override), `llama2 plot`, `llama2.load(run)`, `llama2 evaluate`."""
     np.save(tmp_path / "rows.npy", _data())
@@ -216,7 +269,7 @@ def test_bad_input(tmp_path, llama_tokenizer_path, capsys) -> None:
         ["prepare", "wiki", "--input", str(empty), "--tokenizer", str(llama_tokenizer_path)]
         + ["--seq-length", "8", "--output", str(tmp_path / "e.npy"), "--no-progress"]
     )
-    assert rc == 1 and not (tmp_path / "e.npy").exists()
+    assert rc == 2 and not (tmp_path / "e.npy").exists()
     assert f"{empty}: no text to pack (the input is empty" in capsys.readouterr().err
     run = tmp_path / "f"
     llama2.pretrain(CFG, data=data, out_dir=run, backend="torch", steps=2, batch_size=4, save_every=1, progress=False)

@@ -156,7 +156,7 @@ def test_malformed_alpaca_records_are_reported_with_their_index(tmp_path):
     # the same records go through `prepare sft` directly, reported there too
     from llama2.cli import main
 
-    assert main(["prepare", "alpaca", "--input", str(src), "--output", str(tmp_path / "c.json"), "--strict"]) == 1
+    assert main(["prepare", "alpaca", "--input", str(src), "--output", str(tmp_path / "c.json"), "--strict"]) == 2
     assert not (tmp_path / "c.json").exists()
     assert main(["prepare", "alpaca", "--input", str(src), "--output", str(tmp_path / "c.json")]) == 0
     saved = json.loads((tmp_path / "c.json.report.json").read_text(encoding="utf-8"))

@@ -1,7 +1,9 @@
 """Convert a checkpoint between formats (hf, meta, mindspore, llama2c; gguf read only), one tensor at a time.
 
 The output format defaults from the output path: *.ckpt -> mindspore, *.bin -> llama2c, otherwise hf.
-The tokenizer.model beside the input is copied next to the output weights when the output is a folder.
+The tokenizer.model beside the input (or --tokenizer) is copied next to the output weights when the output is a
+folder. A GGUF file's embedded vocabulary is not written as tokenizer.model: pass --tokenizer with the original
+tokenizer.model (a note says so when none is found).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", help="hf: split safetensors into shards of at most this size, e.g. 2GB")
     p.add_argument("--model-parallel", type=int, default=1, help="meta: number of consolidated.NN.pth shards")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="stored dtype (default: as read)")
+    p.add_argument("--tokenizer", help="tokenizer.model to write beside the output (default: the one beside the input)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
@@ -54,10 +57,18 @@ def run(args: argparse.Namespace) -> int:
         if dst_format == "llama2c":
             raise ValueError("llama2.c files are always float32; drop --dtype")
         options["dtype"] = args.dtype
-    try:
-        out = convert(src, dst, src_format=src_format, dst_format=dst_format, **options)
-    except FileExistsError as exc:
-        print(f"llama2 convert: error: {exc}", file=sys.stderr)
-        return 1
+    if args.tokenizer:
+        if dst_format == "llama2c":
+            raise ValueError("llama2.c files hold no tokenizer; drop --tokenizer (llama2.c uses its own tokenizer.bin)")
+        if not Path(args.tokenizer).is_file():
+            raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file")
+        options["tokenizer_path"] = Path(args.tokenizer)
+    elif src_format == "gguf" and dst_format != "llama2c" and not (src.parent / "tokenizer.model").is_file():
+        print(
+            f"llama2 convert: note: {src.name}'s embedded GGUF vocabulary is not written as tokenizer.model; pass "
+            "--tokenizer PATH (the original tokenizer.model) or copy it beside the output",
+            file=sys.stderr,
+        )
+    out = convert(src, dst, src_format=src_format, dst_format=dst_format, **options)
     print(f"converted {src} ({src_format}) -> {out} ({dst_format})")
     return 0

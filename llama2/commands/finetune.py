@@ -4,13 +4,21 @@
 the fly with the model's tokenizer (then --seq-length is required). Metrics go to OUT/metrics.jsonl, checkpoints to
 OUT/checkpoints/step_N (full: the whole model, `llama2 generate --model OUT`; adapters: only the adapter, plus
 OUT/adapter/ at the end). Adapter options: the flags below, or --option KEY=VALUE (value parsed as JSON) for
-plugin adapters.
+plugin adapters. `llama2 finetune --out OUT --resume` continues a run with its recorded model, method, adapter
+options, data and settings (flags given override them, except --batch-size, --seq-length, --seed, --data and
+adapter options).
+
+Tokenizer: --tokenizer wins; else the YAML file's `tokenizer:` when that path exists; else the tokenizer.model beside
+the --model weights (the packaged configs' `tokenizer: tokenizer.model` is relative to the current folder, so it
+is skipped with a note when missing there and the model has its own).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 COMMAND = "finetune"
@@ -101,6 +109,7 @@ def build_kwargs(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """(model path, keyword arguments for llama2.finetune): the YAML file's values, overridden by the flags."""
     kwargs: dict[str, Any] = {}
     model = args.model
+    file_tokenizer = None
     if args.config:
         from llama2.core.train_config import load_run_config
 
@@ -109,6 +118,7 @@ def build_kwargs(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         if model is None:
             model = file_kw.get("load_checkpoint")
         kwargs.update({k: v for k, v in file_kw.items() if k in _RUN_KEYS + _FROM_FILE})
+        file_tokenizer = kwargs.get("tokenizer")
         section = rc.extra.get("finetune") or {}
         if not isinstance(section, dict):
             raise ValueError(f"{rc.source}: section 'finetune' must be a mapping")
@@ -133,21 +143,61 @@ def build_kwargs(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     kwargs.update(adapter_options(args))
     kwargs["resume"] = bool(args.resume)
     kwargs["progress"] = not args.no_progress
-    if model is None:
-        raise ValueError("finetune needs --model (or load_checkpoint: in the YAML file)")
+    if model is None and not args.resume:
+        raise ValueError("finetune needs --model (or load_checkpoint: in the YAML file); --resume takes the run's")
+    if args.tokenizer is None and file_tokenizer is not None and model is not None:
+        _drop_missing_file_tokenizer(kwargs, model, args.config)
     for key, flag in (("data", "--data"), ("out_dir", "--out")):
-        if kwargs.get(key) is None:
+        if kwargs.get(key) is None and not (args.resume and key == "data"):
             raise ValueError(f"finetune needs {flag} (or {key}: in the YAML file)")
     return model, kwargs
 
 
+def _tokenizer_beside(model: Any) -> Path | None:
+    """The tokenizer.model that `llama2.load(model)` would find beside the weights (None if none or unreadable)."""
+    from llama2.core.formats import open_checkpoint
+    from llama2.core.run_dir import latest_checkpoint
+
+    path = Path(model)
+    try:
+        if path.is_dir() and (path / "checkpoints").is_dir():
+            path = latest_checkpoint(path)
+        with open_checkpoint(path) as ckpt:
+            return ckpt.tokenizer_path
+    except (OSError, ValueError):  # not a readable checkpoint: loading it reports that later
+        return None
+
+
+def _drop_missing_file_tokenizer(kwargs: dict[str, Any], model: Any, config: str) -> None:
+    """A YAML `tokenizer:` path that does not exist yields to the tokenizer.model beside the model's weights.
+
+    The packaged configs say `tokenizer: tokenizer.model`, relative to the current folder; --tokenizer always wins,
+    and an existing YAML path is used as given.
+    """
+    path = Path(kwargs["tokenizer"])
+    if path.exists():
+        return
+    beside = _tokenizer_beside(model)
+    if beside is None:
+        return  # kept: loading names the missing file
+    del kwargs["tokenizer"]
+    print(
+        f"llama2 finetune: {config}: tokenizer {str(path)!r} not found; using {beside} beside the model "
+        "(--tokenizer PATH to choose another)",
+        file=sys.stderr,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from llama2.api import finetune
+    from llama2.core.trainer import detect_rank_world
+    from llama2.peft import attached_adapters
 
     model, kwargs = build_kwargs(args)
-    method = kwargs.get("method", "full")
-    finetune(model, **kwargs)
-    out = kwargs["out_dir"]
-    where = f"{out}/adapter" if method != "full" else f"{out}/checkpoints (llama2.load('{out}'))"
-    print(f"finetuned ({method}); metrics in {out}/metrics.jsonl (llama2 plot {out}), weights in {where}")
+    tuned = finetune(model, **kwargs)
+    method = kwargs.get("method") or next(iter(attached_adapters(tuned.runtime)), "full")  # --resume: the run's
+    if detect_rank_world()[0] == 0:  # once per run, not once per torchrun/msrun process
+        out = kwargs["out_dir"]
+        where = f"{out}/adapter" if method != "full" else f"{out}/checkpoints (llama2.load('{out}'))"
+        print(f"finetuned ({method}); metrics in {out}/metrics.jsonl (llama2 plot {out}), weights in {where}")
     return 0

@@ -4,8 +4,11 @@ Examples:
   llama2 pretrain --preset tiny --data wiki256.mindrecord --out runs/wiki --steps 500 --batch-size 8 --lr 1e-3
   llama2 pretrain --config pretrain_llama2_7b --data wiki4096.mindrecord --out runs/7b
   llama2 pretrain --out runs/wiki --resume            # continue where the run stopped
+  llama2 pretrain --out runs/wiki --resume --steps 1000   # ... and train longer
 
-Flags given on the command line override the YAML file's values.
+Flags given on the command line override the YAML file's values. --resume takes the model, data, backend and
+training settings recorded in the run's newest checkpoint; flags given override them, except --batch-size,
+--seq-length, --seed and other --data (they would change what the remaining steps read).
 """
 
 from __future__ import annotations
@@ -84,17 +87,19 @@ def build_kwargs(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         kwargs["progress"] = False
     if "out_dir" not in kwargs:
         raise ValueError("pretrain needs --out (or out_dir: in the YAML file)")
-    if "data" not in kwargs:
-        raise ValueError("pretrain needs --data (or data: in the YAML file)")
+    if "data" not in kwargs and not kwargs.get("resume"):
+        raise ValueError("pretrain needs --data (or data: in the YAML file); --resume takes the run's")
     if model is None and not kwargs.get("resume"):
         raise ValueError("pretrain needs --preset or --config with a model section (or --resume)")
     return model, kwargs
 
 
 def run(args: argparse.Namespace) -> int:
+    from llama2.core.trainer import detect_rank_world
     from llama2.pretraining import pretrain
 
     model, kwargs = build_kwargs(args)
     pretrain(model, **kwargs)
-    print(f"checkpoints and metrics.jsonl in {kwargs['out_dir']}; plot with: llama2 plot {kwargs['out_dir']}")
+    if detect_rank_world()[0] == 0:  # once per run, not once per torchrun/msrun process
+        print(f"checkpoints and metrics.jsonl in {kwargs['out_dir']}; plot with: llama2 plot {kwargs['out_dir']}")
     return 0

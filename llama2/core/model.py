@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,8 @@ class Model:
 
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer | str | Path | None = None) -> None:
         self.runtime = runtime
-        if tokenizer is not None and not hasattr(tokenizer, "encode"):
+        # a path (str has an `encode` method too, so test for paths first) or any object without `encode`
+        if isinstance(tokenizer, str | os.PathLike) or (tokenizer is not None and not hasattr(tokenizer, "encode")):
             from llama2.data.tokenizer import Tokenizer
 
             tokenizer = Tokenizer(tokenizer)
@@ -103,8 +105,8 @@ class Model:
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError(
-                "this model has no tokenizer: pass tokenizer=PATH to llama2.load, or put tokenizer.model beside "
-                "the weights"
+                "this model has no tokenizer: pass --tokenizer PATH on the command line (tokenizer=PATH to "
+                "llama2.load in Python), or put tokenizer.model beside the weights"
             )
         return self.tokenizer
 

@@ -28,6 +28,11 @@ from llama2.core.backend import OptimConfig
 from llama2.core.config import PRESETS, ModelConfig
 
 __all__ = ["TrainConfig", "ParallelConfig", "RunConfig", "load_run_config", "config_search_dirs", "resolve_config"]
+__all__ += ["resolve_train_config", "resolve_run_options", "FIXED_ON_RESUME", "RUN_OPTION_DEFAULTS"]
+
+# TrainConfig fields a resumed run cannot change: they fix which samples each step reads (and how many tokens).
+FIXED_ON_RESUME = ("batch_size", "seq_length", "seed", "shuffle")
+RUN_OPTION_DEFAULTS = {"backend": "mindspore", "mode": "graph", "device": "cpu", "dtype": "float32"}
 
 _TOP_LEVEL = ("run_mode", "backend", "mode", "device", "dtype", "out_dir", "data", "eval_data", "tokenizer")
 _TOP_LEVEL += ("load_checkpoint",)
@@ -199,6 +204,57 @@ class RunConfig:
         if self.parallel != ParallelConfig():
             kw["parallel"] = self.parallel
         return kw
+
+
+def resolve_train_config(
+    given: dict[str, Any],
+    *,
+    saved: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+    source: str = "the run",
+    log: Any = None,
+) -> TrainConfig:
+    """The TrainConfig of a run: explicitly `given` values over the resumed run's `saved` train_config (from its
+    trainer_state.json) or, for a fresh run, over `defaults` and TrainConfig's own defaults.
+
+    On resume, a given value that differs from the run's in a FIXED_ON_RESUME field raises ResumeMismatchError
+    (it would change the data order or the sample length mid-run); other changes (steps, lr, schedule, ...) are
+    applied and reported through `log`.
+    """
+    from llama2.core.run_dir import ResumeMismatchError
+
+    known = {a.name for a in attrs.fields(TrainConfig)}
+    base = dict(defaults or {})
+    if saved is not None:
+        base.update({k: v for k, v in saved.items() if k in known})
+    config = TrainConfig.from_dict({**base, **given}, f"{source}: training settings")
+    if saved is None:
+        return config
+    now = config.to_dict()
+    changed = [(k, saved[k], now[k]) for k in sorted(given) if k in saved and saved[k] != now[k]]
+    fixed = [c for c in changed if c[0] in FIXED_ON_RESUME]
+    if fixed:
+        what = "; ".join(f"{k} was {old!r} in the run, {new!r} now" for k, old, new in fixed)
+        raise ResumeMismatchError(
+            f"cannot resume {source}: {what}. {', '.join(FIXED_ON_RESUME)} fix which samples each step reads and "
+            "cannot change mid-run; leave them out to continue with the run's values (steps, lr, schedule, "
+            "save_every, ... may change), or train in a new out_dir"
+        )
+    if log is not None:
+        for k, old, new in changed:
+            log(f"resuming with {k} {new!r} (the run had {old!r})")
+    return config
+
+
+def resolve_run_options(given: dict[str, Any], saved: dict[str, Any] | None) -> dict[str, Any]:
+    """backend, mode, device, dtype: the given ones, else the resumed run's (trainer_state.json), else defaults."""
+    out = {}
+    for key, default in RUN_OPTION_DEFAULTS.items():
+        value = given.get(key)
+        if value is None and saved is not None:
+            value = saved.get(key)
+        out[key] = default if value is None else value
+    return out
 
 
 def config_search_dirs() -> list[Path]:

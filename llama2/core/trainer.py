@@ -80,6 +80,17 @@ class TrainData:
         """Positions the model sees per sample (L - 1)."""
         return int(self.input_ids.shape[1]) - 1
 
+    def fingerprint(self) -> str:
+        """A hash of the samples (ids and labels, shapes included): equal data gives an equal fingerprint."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for a in (self.input_ids, self.labels):
+            if a is not None:
+                h.update(repr((a.shape, str(a.dtype))).encode())
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
     def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = self.input_ids[indices]
         labels = ids if self.labels is None else self.labels[indices]
@@ -202,11 +213,13 @@ class Trainer:
         train_state: TrainState | None = None,
         checkpoint_names: list[str] | None = None,
         save_replicas: bool = False,
+        data_path: str | Path | None = None,
     ) -> None:
         """`model_tensors` / `checkpoint_names`: what checkpoints hold (default: every model parameter; an adapter
         run gives its own tensors and their names, and resume then loads exactly those). `save_replicas`: every
         data-parallel rank also writes its copy of the distributed checkpoint (default: only data-parallel index
-        0 writes), for `llama2 merge --check-replicas`."""
+        0 writes), for `llama2 merge --check-replicas`. `data_path`: the file the data came from, recorded (absolute)
+        in trainer_state.json so that resume can read it again."""
         self.runtime = runtime
         self.config = config
         self.data = data
@@ -222,6 +235,8 @@ class Trainer:
         self.extra_state = dict(extra_state or {})
         self.checkpoint_names = None if checkpoint_names is None else list(checkpoint_names)
         self.save_replicas = save_replicas
+        self.data_path = None if data_path is None else str(Path(data_path).resolve())
+        self._fingerprint: str | None = None
         cfg = runtime.config
         data.check(cfg.vocab_size, cfg.max_seq_len)
         if config.batch_size % self.world_size:
@@ -244,6 +259,12 @@ class Trainer:
         return self.rank == 0 and self.out_dir is not None
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
+    @property
+    def data_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.data.fingerprint()
+        return self._fingerprint
+
     def trainer_state(self) -> dict[str, Any]:
         epoch, k = self.order.position(self.step)
         c = self.config
@@ -266,6 +287,12 @@ class Trainer:
             "train_config": c.to_dict(),
             "model_config": self.runtime.config.to_dict(),
             "world_size": self.world_size,
+            "data": {
+                "path": self.data_path,
+                "n_samples": self.data.n_samples,
+                "seq_length": self.data.seq_length,
+                "fingerprint": self.data_fingerprint,
+            },
             **self.extra_state,
         }
 
@@ -355,6 +382,14 @@ class Trainer:
             mismatch.append(f"{path / rd.OPTIMIZER_FILE}: missing (saved without optimizer state)")
         elif opt_problems := self._check_optimizer(optimizer_state):
             mismatch.append(f"{path / rd.OPTIMIZER_FILE}: {_first(opt_problems)}")
+        saved_data = state.get("data") if isinstance(state.get("data"), dict) else {}
+        if saved_data.get("fingerprint") not in (None, self.data_fingerprint):
+            mismatch.append(
+                f"{path / rd.STATE_FILE}: the training data differs from the run's ({saved_data.get('n_samples')} "
+                f"samples x {saved_data.get('seq_length')} positions from {saved_data.get('path') or 'in-memory data'}"
+                f"; now {self.data.n_samples} x {self.data.seq_length} from {self.data_path or 'in-memory data'}); "
+                "other data or another seq_length would change what each remaining step reads"
+            )
         if mismatch:
             hint = _differences(state, self.trainer_state(), ("finetune", "model_config"))
             raise rd.ResumeMismatchError(

@@ -3,7 +3,8 @@
 F32, F16 and BF16 tensors are supported (quantized types raise an error naming the tensor and type). GGUF lists dims
 innermost-first, so a [8, 32000] `token_embd.weight` is a (32000, 8) array. llama.cpp's HF converter permutes q/k
 into Meta's interleaved RoPE layout; that permutation is undone here (k with n_kv_heads groups). The embedded
-vocabulary (`tokenizer.ggml.tokens` / `scores`) is exposed as `Checkpoint.vocab`.
+vocabulary (`tokenizer.ggml.tokens` / `scores`) is exposed as `Checkpoint.vocab`; it is not turned into a
+tokenizer.model on conversion (`llama2 convert --tokenizer` copies the original one).
 """
 
 from __future__ import annotations
