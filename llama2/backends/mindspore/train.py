@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from llama2.core.backend import IGNORE_INDEX, OptimConfig, TrainState
 
@@ -31,6 +31,51 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return ops.AllReduce(ops.ReduceOp.SUM)(x)
 
 
+class AdamWUpdate(nn.Cell):
+    """Scale by 1/tokens, global-norm clipping and one torch-exact AdamW step over every parameter, in one call.
+
+    Holds the moments as Parameters so that the whole update is one compiled graph under `mindspore.jit` (op by op
+    in PyNative it costs ~10 kernel launches per parameter). Step-dependent scalars arrive as tensors, so the graph
+    compiles once.
+    """
+
+    def __init__(self, params: list[Parameter], weight_decays: list[float], optim: OptimConfig) -> None:
+        super().__init__()
+        self.params = ParameterTuple(params)
+        zeros = [np.zeros(p.shape, np.float32) for p in params]
+        self.exp_avg = ParameterTuple(
+            Parameter(Tensor(z), name=f"exp_avg.{p.name}", requires_grad=False) for z, p in zip(zeros, params)
+        )
+        self.exp_avg_sq = ParameterTuple(
+            Parameter(Tensor(z), name=f"exp_avg_sq.{p.name}", requires_grad=False) for z, p in zip(zeros, params)
+        )
+        self.weight_decays = tuple(float(w) for w in weight_decays)
+        self.beta1, self.beta2 = (float(b) for b in optim.betas)
+        self.eps = float(optim.eps)
+        self.clip = float(optim.grad_clip) if optim.grad_clip is not None and optim.grad_clip > 0 else 0.0
+        self.n = len(params)
+
+    def construct(self, grads, scale, lr, step_size, bias2_sqrt):
+        grads = [g * scale for g in grads]
+        norm = ops.sqrt(ops.stack([ops.square(g).sum() for g in grads]).sum())
+        if self.clip > 0:
+            coef = ops.minimum(self.clip / (norm + 1e-6), 1.0)  # torch.nn.utils.clip_grad_norm_
+            grads = [g * coef for g in grads]
+        for i in range(self.n):
+            p, g, wd = self.params[i], grads[i], self.weight_decays[i]
+            m = self.exp_avg[i] * self.beta1 + g * (1.0 - self.beta1)
+            v = self.exp_avg_sq[i] * self.beta2 + g * g * (1.0 - self.beta2)
+            ops.assign(self.exp_avg[i], m)
+            ops.assign(self.exp_avg_sq[i], v)
+            new = p * (1.0 - lr * wd) if wd else p
+            ops.assign(p, new - step_size * m / (ops.sqrt(v) / bias2_sqrt + self.eps))
+        return norm
+
+
+def _add_all(a: tuple, b: tuple) -> tuple:
+    return tuple(x + y for x, y in zip(a, b))
+
+
 class MindSporeTrainState(TrainState):
     """One optimizer step = `accumulate` calls (gradients of the summed NLL are added up) and one `apply`."""
 
@@ -50,9 +95,16 @@ class MindSporeTrainState(TrainState):
             return grad_fn(ids, labels)
 
         self._step = ms.jit(step) if runtime.compiled else step
-        self.grads: list[Tensor] | None = None
-        self.exp_avg = [ops.zeros(p.shape, ms.float32) for p in self.params]
-        self.exp_avg_sq = [ops.zeros(p.shape, ms.float32) for p in self.params]
+        self.grads: tuple[Tensor, ...] | None = None
+        decays = [float(optim.weight_decay) if (p.ndim > 1 or optim.decay_1d) else 0.0 for p in self.params]
+        self.update = AdamWUpdate(self.params, decays, optim)
+        update = self.update
+
+        def update_step(grads, scale, lr, step_size, bias2_sqrt):
+            return update(grads, scale, lr, step_size, bias2_sqrt)
+
+        self._update = ms.jit(update_step) if runtime.compiled else update_step
+        self._add = ms.jit(_add_all) if runtime.compiled else _add_all
         self.step = 0
 
     def accumulate(self, ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
@@ -64,10 +116,7 @@ class MindSporeTrainState(TrainState):
         self.runtime._check_vocab(ids)
         n_tokens = int((labels != IGNORE_INDEX).sum())
         loss, grads = self._step(Tensor(ids.astype(np.int32)), Tensor(labels.astype(np.int32)))
-        if self.grads is None:
-            self.grads = list(grads)
-        else:
-            self.grads = [a + g for a, g in zip(self.grads, grads)]
+        self.grads = tuple(grads) if self.grads is None else self._add(ms.mutable(self.grads), ms.mutable(tuple(grads)))
         return float(loss.asnumpy()), n_tokens
 
     def apply(self, lr: float, n_tokens: int) -> float:
@@ -79,27 +128,18 @@ class MindSporeTrainState(TrainState):
             n_tokens = int(all_reduce_sum(Tensor(np.array([n_tokens], np.float32))).asnumpy()[0])
         if n_tokens <= 0:
             raise ValueError(f"apply() needs a positive token count, got {n_tokens}")
-        scale = 1.0 / float(n_tokens)
-        grads = [g * scale for g in grads]
-        norm = float(ops.sqrt(sum((ops.square(g).sum() for g in grads), ops.zeros((), ms.float32))).asnumpy())
-        o = self.optim
-        if o.grad_clip is not None and o.grad_clip > 0:
-            coef = min(float(o.grad_clip) / (norm + 1e-6), 1.0)  # torch.nn.utils.clip_grad_norm_
-            grads = [g * coef for g in grads]
         self.step += 1
-        beta1, beta2 = (float(b) for b in o.betas)
-        step_size = float(lr) / (1.0 - beta1**self.step)
-        bias2_sqrt = math.sqrt(1.0 - beta2**self.step)
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            wd = float(o.weight_decay) if (p.ndim > 1 or o.decay_1d) else 0.0
-            m = self.exp_avg[i] * beta1 + g * (1.0 - beta1)
-            v = self.exp_avg_sq[i] * beta2 + g * g * (1.0 - beta2)
-            self.exp_avg[i], self.exp_avg_sq[i] = m, v
-            new = p * (1.0 - float(lr) * wd) if wd else p * 1.0
-            new = new - step_size * m / (ops.sqrt(v) / bias2_sqrt + float(o.eps))
-            ops.assign(p, new)
+        beta1, beta2 = (float(b) for b in self.optim.betas)
+        f32 = ms.float32
+        norm = self._update(
+            ms.mutable(tuple(grads)),  # a plain tuple of tensors would be a constant: one compilation per step
+            Tensor(1.0 / float(n_tokens), f32),
+            Tensor(float(lr), f32),
+            Tensor(float(lr) / (1.0 - beta1**self.step), f32),
+            Tensor(math.sqrt(1.0 - beta2**self.step), f32),
+        )
         self.grads = None
-        return norm
+        return float(norm.asnumpy())
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
         """`values` summed over the data-parallel world (so rank 0 logs the global loss); identity in one process."""
@@ -110,7 +150,7 @@ class MindSporeTrainState(TrainState):
 
     def state_dict(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {"step": np.array(self.step, np.float32)}
-        for name, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
+        for name, m, v in zip(self.names, self.update.exp_avg, self.update.exp_avg_sq):
             out[f"exp_avg.{name}"] = m.asnumpy().astype(np.float32)
             out[f"exp_avg_sq.{name}"] = v.asnumpy().astype(np.float32)
         return out
@@ -118,15 +158,19 @@ class MindSporeTrainState(TrainState):
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if "step" not in state:
             raise KeyError("optimizer state is missing 'step'")
-        exp_avg, exp_avg_sq = [], []
-        for name, p in zip(self.names, self.params):
-            for key, dest in ((f"exp_avg.{name}", exp_avg), (f"exp_avg_sq.{name}", exp_avg_sq)):
+        values = []
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            for key, dest in (
+                (f"exp_avg.{name}", self.update.exp_avg[i]),
+                (f"exp_avg_sq.{name}", self.update.exp_avg_sq[i]),
+            ):
                 if key not in state:
                     raise KeyError(f"optimizer state is missing {key!r}")
                 value = np.asarray(state[key], np.float32)
                 if tuple(value.shape) != tuple(p.shape):
                     raise ValueError(f"optimizer state {key!r} has shape {value.shape}, expected {tuple(p.shape)}")
-                dest.append(Tensor(value))
-        self.exp_avg, self.exp_avg_sq = exp_avg, exp_avg_sq
+                values.append((dest, value))
+        for dest, value in values:  # all checked first: a bad state leaves the moments untouched
+            ops.assign(dest, Tensor(value))
         self.step = int(np.asarray(state["step"]))
         self.grads = None
