@@ -24,6 +24,7 @@ rank = stage * (data_parallel * model_parallel) + dp_index * model_parallel + mp
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import attrs
@@ -194,3 +195,18 @@ def derive_strategy(
             params[full] = ParamShard(full, tuple(spec.shape), kind, axis, stage_of(full))
     recompute = tuple(bool(parallel.recompute) for _ in range(config.n_layers))
     return ParallelStrategy(config, parallel, params, layer_stages, recompute, tuple(notes))
+
+
+def env_device_index(var: str, launcher: str) -> int:
+    """A launcher's per-process device index from the environment (msrun's DEVICE_ID, torchrun's LOCAL_RANK);
+    ValueError naming the variable when it is not a non-negative integer; RuntimeError when it is unset."""
+    value = os.environ.get(var)
+    if value is None:
+        raise RuntimeError(f"{launcher}: {var} is unset in the environment; start the processes with {launcher}")
+    try:
+        index = int(value)
+    except ValueError:
+        raise ValueError(f"{launcher}'s {var} environment variable must be an integer, got {value!r}") from None
+    if index < 0:
+        raise ValueError(f"{launcher}'s {var} environment variable must be >= 0, got {index}")
+    return index

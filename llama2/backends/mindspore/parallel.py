@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from llama2.core.parallel import COLUMN, ROW, VOCAB, ParallelStrategy
+from llama2.core.parallel import COLUMN, ROW, VOCAB, ParallelStrategy, env_device_index
 from llama2.core.train_config import ParallelConfig
 
 __all__ = ["under_msrun", "msrun_device_id", "init_from_env", "CellPlan", "cell_shard_plan", "configure_parallel"]
@@ -39,14 +39,7 @@ def msrun_device_id(device: str, device_id: int) -> int:
     `device_id` is left at its default 0, else `device_id` unchanged (always on CPU, and outside msrun)."""
     if device == "cpu" or device_id != 0 or not under_msrun() or "DEVICE_ID" not in os.environ:
         return device_id
-    value = os.environ["DEVICE_ID"]
-    try:
-        local = int(value)
-    except ValueError:
-        raise ValueError(f"msrun's DEVICE_ID environment variable must be an integer, got {value!r}") from None
-    if local < 0:
-        raise ValueError(f"msrun's DEVICE_ID environment variable must be >= 0, got {local}")
-    return local
+    return env_device_index("DEVICE_ID", "msrun")
 
 
 def init_from_env() -> tuple[int, int]:

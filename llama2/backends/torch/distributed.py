@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llama2.core.parallel import env_device_index
+
 __all__ = [
     "DistInfo",
     "init_from_env",
@@ -69,16 +71,7 @@ def torchrun_device_id(device: str, device_id: int) -> int:
     left at its default 0, else `device_id` unchanged (always on CPU, in a single process, and when one is given)."""
     if device == "cpu" or device_id != 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device_id
-    value = os.environ.get("LOCAL_RANK")
-    if value is None:
-        raise RuntimeError("WORLD_SIZE > 1 but LOCAL_RANK is unset in the environment; launch with torchrun")
-    try:
-        local = int(value)
-    except ValueError:
-        raise ValueError(f"torchrun's LOCAL_RANK environment variable must be an integer, got {value!r}") from None
-    if local < 0:
-        raise ValueError(f"torchrun's LOCAL_RANK environment variable must be >= 0, got {local}")
-    return local
+    return env_device_index("LOCAL_RANK", "torchrun")
 
 
 def is_distributed() -> bool:
