@@ -60,10 +60,13 @@ def _command_name(args: argparse.Namespace) -> str:
     return f"{args.command} {kind}" if args.command == "prepare" and kind else str(args.command)
 
 
-def _error_message(exc: BaseException) -> str:
+def _error_message(exc: BaseException, name: str = "") -> str:
     if isinstance(exc, KeyError) and exc.args:  # str(KeyError) is the repr of its argument
-        return str(exc.args[0])
-    return str(exc) or type(exc).__name__
+        msg = str(exc.args[0])
+    else:
+        msg = str(exc) or type(exc).__name__
+    prefix = f"{name}: "
+    return msg[len(prefix) :] if name and msg.startswith(prefix) else msg  # "evaluate: error: evaluate: ..." once
 
 
 @contextlib.contextmanager
@@ -96,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except USER_ERRORS as exc:
             if debug:
                 raise
-            print(f"llama2 {name}: error: {_error_message(exc)}", file=sys.stderr)
+            print(f"llama2 {name}: error: {_error_message(exc, name)}", file=sys.stderr)
             if not isinstance(exc, ValueError | OSError):  # may also be a bug: say how to see where it came from
                 print(f"llama2 {name}: (run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
             return ERROR_STATUS

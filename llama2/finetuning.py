@@ -62,7 +62,10 @@ def load_sft_data(
         from llama2.data.sft import DEFAULT_TEMPLATE, build_sft_samples, load_conversations
 
         if tokenizer is None:
-            raise ValueError(f"{data}: tokenizing a JSON file needs a tokenizer (the model has none; pass tokenizer=)")
+            raise ValueError(
+                f"{data}: tokenizing a JSON file needs a tokenizer (the model has none; pass --tokenizer PATH "
+                "on the command line, tokenizer= in Python)"
+            )
         if seq_length is None:
             raise ValueError(f"{data}: tokenizing a JSON file needs seq_length= (tokens per sample)")
         records, problems = load_conversations(data)
