@@ -191,14 +191,7 @@ def finetune(
     if out_dir is None:
         raise ValueError("finetune needs out_dir= (checkpoints and metrics.jsonl go there)")
     out_dir = Path(out_dir)
-    if rd.list_checkpoints(out_dir) and not resume:
-        raise ValueError(
-            f"{out_dir} already holds checkpoints of an earlier run; pass resume=True (--resume) to continue it, "
-            "or use a new out_dir"
-        )
-    resume_from = rd.latest_checkpoint(out_dir) if resume and rd.list_checkpoints(out_dir) else None
-    state = rd.read_trainer_state(resume_from) if resume_from is not None else None
-    source = str(resume_from / rd.STATE_FILE) if resume_from is not None else str(out_dir)
+    resume_from, state, source = rd.resume_point(out_dir, resume)
     saved_ft = (state or {}).get("finetune") or {}
     if method is None:
         method = saved_ft.get("method", "full")

@@ -130,26 +130,18 @@ def pretrain(
     given = explicit_settings(given)
 
     given_model = config_or_preset if isinstance(config_or_preset, Model) else None
-    resume_from, state = None, None
-    if resume and rd.list_checkpoints(out_dir):
-        resume_from = rd.latest_checkpoint(out_dir)  # the Trainer reports (and skips) corrupt ones
-        state = rd.read_trainer_state(resume_from)
-        if config_or_preset is None:
-            config_or_preset = rd.read_model_config(resume_from)
-    elif not resume and rd.list_checkpoints(out_dir):
-        raise ValueError(
-            f"{out_dir} already holds checkpoints of an earlier run; pass resume=True (--resume) to continue it, "
-            "or use a new out_dir"
-        )
+    resume_from, state, source = rd.resume_point(out_dir, resume)
+    run_config = rd.read_model_config(resume_from) if resume_from is not None else None
+    if config_or_preset is None:
+        config_or_preset = run_config
     if config_or_preset is None:
         raise ValueError("pretrain needs a model config or preset name (or resume=True on a run dir with checkpoints)")
     config = given_model.config if given_model is not None else resolve_model_config(config_or_preset)
-    if resume_from is not None and rd.read_model_config(resume_from) != config:
+    if run_config is not None and run_config != config:
         raise ValueError(
             f"{resume_from / rd.CONFIG_FILE}: the run's model config differs from the requested one; "
             "resume with the same config (or config=None to take the run's)"
         )
-    source = str(resume_from / rd.STATE_FILE) if resume_from is not None else str(out_dir)
     train = resolve_train_config(
         given, saved=None if state is None else state.get("train_config", {}), source=source, log=log
     )

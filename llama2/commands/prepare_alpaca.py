@@ -28,13 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama2.data.alpaca import convert_alpaca, write_json_atomic
+    from llama2.core.atomic import write_json
+    from llama2.data.alpaca import convert_alpaca
 
     if args.tokenizer or args.seq_length:
         return _tokenized(args)
     report = convert_alpaca(args.input, args.output, errors="raise" if args.strict else "report")
     out = Path(args.output)
-    write_json_atomic(out.with_name(out.name + ".report.json"), report)
+    write_json(out.with_name(out.name + ".report.json"), report, indent=2)
     for p in report["skipped"][:20]:
         print(f"skipped record {p['index']}: {p['reason']}")
     if len(report["skipped"]) > 20:

@@ -15,7 +15,6 @@ Layout of OUT_DIR:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +27,7 @@ from llama2.core.atomic import atomic_dir
 from llama2.core.config import ModelConfig
 
 __all__ = [
+    "resume_point",
     "CheckpointError",
     "ResumeMismatchError",
     "checkpoint_dir_name",
@@ -41,7 +41,6 @@ __all__ = [
     "read_optimizer_state",
     "read_model_config",
     "prune_checkpoints",
-    "write_json_atomic",
 ]
 
 CHECKPOINTS = "checkpoints"
@@ -140,6 +139,24 @@ def latest_checkpoint(run_dir: str | Path, on_skip: Callable[[str], None] | None
     raise FileNotFoundError(f"{run_dir}: every checkpoint is corrupt: " + "; ".join(errors))
 
 
+def resume_point(out_dir: Path, resume: bool) -> tuple[Path | None, dict[str, Any] | None, str]:
+    """(checkpoint to resume from, its trainer state, the source named in messages) for a run in `out_dir`.
+
+    A fresh run (resume=False) in a dir that already holds checkpoints is refused; resume=True on a dir without
+    checkpoints starts fresh.
+    """
+    ckpts = list_checkpoints(out_dir)
+    if ckpts and not resume:
+        raise ValueError(
+            f"{out_dir} already holds checkpoints of an earlier run; pass resume=True (--resume) to continue it, "
+            "or use a new out_dir"
+        )
+    if not ckpts:
+        return None, None, str(out_dir)
+    resume_from = latest_checkpoint(out_dir)  # the Trainer reports (and skips) corrupt ones
+    return resume_from, read_trainer_state(resume_from), str(resume_from / STATE_FILE)
+
+
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     f = Path(path) / STATE_FILE
     if not f.is_file():
@@ -184,12 +201,6 @@ def read_optimizer_state(path: str | Path) -> dict[str, np.ndarray] | None:
 def read_model_config(path: str | Path) -> ModelConfig:
     f = Path(path) / CONFIG_FILE
     return ModelConfig.from_hf(json.loads(f.read_text(encoding="utf-8")), source=str(f))
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_checkpoint(

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llama2.core.atomic import write_json
+
 __all__ = [
     "PROMPT_INPUT",
     "PROMPT_NO_INPUT",
@@ -27,7 +29,6 @@ __all__ = [
     "alpaca_to_conversations",
     "read_json_records",
     "convert_alpaca",
-    "write_json_atomic",
 ]
 
 # Stanford Alpaca's prompts, as used by the seed's alpaca_converter.py.
@@ -126,22 +127,6 @@ def read_json_records(path: str | os.PathLike[str]) -> list[Any]:
     return records
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any, indent: int | None = 2) -> Path:
-    """Write `data` as UTF-8 JSON via a temporary file renamed into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=indent)
-            f.write("\n")
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
-
-
 def convert_alpaca(
     input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *, errors: str = "report"
 ) -> dict[str, Any]:
@@ -152,7 +137,7 @@ def convert_alpaca(
     convs, problems = alpaca_to_conversations(records, errors=errors, source=str(input_path))
     if not convs:
         raise ValueError(f"{input_path}: no usable Alpaca record among {len(records)} ({problems[:3]} ...)")
-    write_json_atomic(output_path, convs)
+    write_json(output_path, convs, indent=2)
     return {
         "input": str(input_path),
         "output": str(output_path),

@@ -365,7 +365,7 @@ def prepare_sft(
     fields input_ids and labels, see `llama2.data.records`) or `.npz`. A report is written beside it as
     OUTPUT.report.json. Raises ValueError when no sample is left.
     """
-    from llama2.data.alpaca import write_json_atomic
+    from llama2.core.atomic import write_json
     from llama2.data.records import detect_format, write_records
 
     out = Path(output)
@@ -386,7 +386,7 @@ def prepare_sft(
     if report.samples == 0:
         raise ValueError(f"{input_path}: no usable sample ({report.summary()})")
     write_records(out, columns, fmt=writer.name, description=f"llama2 sft {template} seq_length={seq_length}")
-    write_json_atomic(out.with_name(out.name + ".report.json"), report.to_dict())
+    write_json(out.with_name(out.name + ".report.json"), report.to_dict(), indent=2)
     return report
 
 

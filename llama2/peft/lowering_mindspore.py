@@ -9,6 +9,7 @@ from __future__ import annotations
 from mindspore import nn, ops
 
 from llama2.backends.mindspore.layers import AttentionCell, linear, zeros_param
+from llama2.backends.mindspore.lowering import attention_args
 from llama2.core.backend import Backend
 from llama2.peft.lora import LoRALinear
 from llama2.peft.prefix import PrefixAttention
@@ -54,15 +55,7 @@ class PrefixAttentionCell(AttentionCell):
     """`AttentionCell` whose `extra_kv` returns the learned prefix, broadcast over the batch."""
 
     def __init__(self, node: PrefixAttention, backend: Backend) -> None:
-        super().__init__(
-            node.n_heads,
-            node.n_kv_heads,
-            node.head_dim,
-            backend.lower(node.q_proj),
-            backend.lower(node.k_proj),
-            backend.lower(node.v_proj),
-            backend.lower(node.o_proj),
-        )
+        super().__init__(*attention_args(node, backend))
         self.n_virtual = node.n_virtual
         self.use_mlp = node.prefix_mlp is not None
         if self.use_mlp:

@@ -37,16 +37,14 @@ def lower_linear(node: Linear, backend: Backend) -> LinearCell:
     return LinearCell(node.in_features, node.out_features)
 
 
+def attention_args(node: Attention, backend: Backend) -> tuple:
+    """`AttentionCell`'s constructor arguments for `node` (shared with attention subclasses such as prefix)."""
+    projections = (node.q_proj, node.k_proj, node.v_proj, node.o_proj)
+    return (node.n_heads, node.n_kv_heads, node.head_dim, *(backend.lower(p) for p in projections))
+
+
 def lower_attention(node: Attention, backend: Backend) -> AttentionCell:
-    return AttentionCell(
-        node.n_heads,
-        node.n_kv_heads,
-        node.head_dim,
-        backend.lower(node.q_proj),
-        backend.lower(node.k_proj),
-        backend.lower(node.v_proj),
-        backend.lower(node.o_proj),
-    )
+    return AttentionCell(*attention_args(node, backend))
 
 
 def lower_swiglu(node: SwiGLU, backend: Backend) -> SwiGLUCell:
