@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llama2.core.atomic import atomic_file
+
 COMMAND = "plot"
 HELP = "write loss.png from a run's metrics.jsonl"
 
@@ -63,11 +65,13 @@ def plot_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str] | N
         ax2.set_ylabel("learning rate", color="tab:orange")
     ax.set_title(f"{Path(run_dir).name}: final loss {recs[-1]['loss']:.3f} at step {steps[-1]}")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    # The temporary name hides the suffix, so name the format as matplotlib would infer it from `out`.
+    fmt = out.suffix[1:] or matplotlib.rcParams["savefig.format"]
+    try:
+        with atomic_file(out) as tmp:
+            fig.savefig(tmp, format=fmt)
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import attrs
 
+from llama2.core.atomic import atomic_file, write_json
+
 __all__ = [
     "PROMPT_TEMPLATE",
     "SquadQuestion",
@@ -231,17 +233,10 @@ def prepare_squad(
     )
     report["input"] = str(input)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    _write_atomic(output.with_name(output.name + ".report.json"), json.dumps(report, indent=2) + "\n")
+    with atomic_file(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    write_json(output.with_name(output.name + ".report.json"), report, indent=2)
     return report
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def is_prepared(path: str | os.PathLike[str]) -> bool:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from llama2.core.atomic import atomic_file
+
 __all__ = ["Tokenizer", "StreamingDecoder", "LLAMA2_TRAINER_SPEC"]
 
 # The trainer settings recorded in Meta's Llama 2 tokenizer.model (trainer_spec / normalizer_spec).
@@ -297,7 +299,6 @@ class Tokenizer:
         )
         model = writer.getvalue()
         out = Path(out_prefix)
-        out.parent.mkdir(parents=True, exist_ok=True)
         model_path = out.with_name(out.name + ".model")
         _atomic_write(model_path, model)
         sp = spm.SentencePieceProcessor()
@@ -308,10 +309,5 @@ class Tokenizer:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

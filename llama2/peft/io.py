@@ -16,6 +16,7 @@ import numpy as np
 
 from llama2.core.atomic import atomic_dir
 from llama2.core.config import ModelConfig
+from llama2.core.formats.base import read_json_file
 from llama2.core.graph import named_params
 from llama2.peft.base import _runtime, adapter_config, attached_adapters, get_adapter, rebuild
 
@@ -100,12 +101,7 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     """The parsed `adapter_config.json` of folder `path` (or the file itself), validated."""
     path = Path(path)
     file = path / CONFIG_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is not valid JSON: {exc}") from None
+    meta = read_json_file(file, f"no {CONFIG_NAME} in {path}", ValueError)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f'{file}: expected a JSON object with "format": "{FORMAT}" (a llama2 adapter config)')
     for key, kind in (("base_model", dict), ("adapters", list)):

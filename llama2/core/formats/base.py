@@ -1,9 +1,10 @@
 """Shared pieces of the checkpoint formats: the `Checkpoint` reader base, name tables, RoPE permutations, dtype
-helpers and atomic file/directory writing."""
+helpers, JSON config reading and atomic file/directory writing."""
 
 from __future__ import annotations
 
 import abc
+import json
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,9 @@ __all__ = [
     "expect_shape",
     "to_interleaved",
     "to_rotate_half",
+    "qk_to_interleaved",
+    "qk_to_rotate_half",
+    "read_json_file",
     "bf16_to_f32",
     "f32_to_bf16",
     "cast",
@@ -187,6 +191,27 @@ def to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp))
 
 
+def _qk_heads(name: str, config: ModelConfig) -> int | None:
+    """Head groups of canonical tensor `name` if it is a q/k projection (k: n_kv_heads), else None."""
+    if name.endswith("q_proj.weight"):
+        return config.n_heads
+    if name.endswith("k_proj.weight"):
+        return config.n_kv_heads
+    return None
+
+
+def qk_to_interleaved(name: str, w: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """`to_interleaved` for canonical q_proj/k_proj weights (k with n_kv_heads groups); other tensors pass through."""
+    heads = _qk_heads(name, config)
+    return w if heads is None else to_interleaved(w, heads)
+
+
+def qk_to_rotate_half(name: str, w: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """`to_rotate_half` for canonical q_proj/k_proj weights (k with n_kv_heads groups); other tensors pass through."""
+    heads = _qk_heads(name, config)
+    return w if heads is None else to_rotate_half(w, heads)
+
+
 # ---- dtypes -------------------------------------------------------------------------------------------------
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """uint16 bfloat16 bit patterns -> float32."""
@@ -236,6 +261,21 @@ def read_exact(f: Any, n: int, what: str, source: str) -> bytes:
     if len(data) != n:
         raise FormatError(f"{source} is truncated: needed {n} bytes for {what}, got {len(data)}")
     return data
+
+
+def read_json_file(path: str | Path, what: str, error: type[Exception] = FormatError) -> Any:
+    """Parse the UTF-8 JSON file `path`.
+
+    Raises FileNotFoundError "`path` not found: `what`" when it is absent, and `error` naming the file and the parse
+    problem when it is not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc})") from None
 
 
 def copy_tokenizer(tokenizer_path: Path | None, out_dir: Path) -> None:

@@ -24,8 +24,8 @@ from llama2.core.formats.base import (
     canonical_shapes,
     expect_shape,
     name_table,
+    qk_to_rotate_half,
     read_exact,
-    to_rotate_half,
 )
 
 __all__ = ["GGUFCheckpoint", "read_gguf", "GGML_TYPES"]
@@ -171,10 +171,7 @@ class GGUFCheckpoint(Checkpoint):
             arr = np.fromfile(self.path, dtype=dtype, count=count, offset=offset).reshape(shape)
             if ggml_type == 30:
                 arr = bf16_to_f32(arr)
-            if name.endswith("q_proj.weight"):
-                arr = to_rotate_half(arr, c.n_heads)
-            elif name.endswith("k_proj.weight"):
-                arr = to_rotate_half(arr, c.n_kv_heads)
+            arr = qk_to_rotate_half(name, arr, c)
             yield name, arr, str(self.path)
             del arr
 

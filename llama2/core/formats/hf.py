@@ -27,6 +27,7 @@ from llama2.core.formats.base import (
     checked_tensors,
     copy_tokenizer,
     parse_size,
+    read_json_file,
 )
 
 __all__ = ["HFCheckpoint", "save_hf", "is_hf", "read_safetensors_header", "WEIGHT_FILES"]
@@ -105,12 +106,7 @@ class HFCheckpoint(Checkpoint):
         folder = path if path.is_dir() else path.parent
         cfg_file = folder / "config.json"
         if config is None:
-            if not cfg_file.is_file():
-                raise FileNotFoundError(f"{cfg_file} not found: an HF checkpoint needs config.json beside the weights")
-            try:
-                hf_cfg = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{cfg_file} is not valid JSON ({exc})") from None
+            hf_cfg = read_json_file(cfg_file, "an HF checkpoint needs config.json beside the weights")
             config = ModelConfig.from_hf(hf_cfg, source=str(cfg_file))
         tok = folder / "tokenizer.model"
         super().__init__(folder, config, tok if tok.is_file() else None)

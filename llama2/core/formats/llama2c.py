@@ -22,8 +22,8 @@ from llama2.core.formats.base import (
     FormatError,
     atomic_file,
     checked_tensors,
-    to_interleaved,
-    to_rotate_half,
+    qk_to_interleaved,
+    qk_to_rotate_half,
 )
 
 __all__ = ["Llama2cCheckpoint", "save_llama2c", "looks_like_llama2c", "layout"]
@@ -138,10 +138,7 @@ class Llama2cCheckpoint(Checkpoint):
         for name, shape in shapes.items():  # np.fromfile: no mapping, so only this tensor is resident
             arr = np.fromfile(self.path, dtype="<f4", count=int(np.prod(shape)), offset=self.offsets[name])
             arr = arr.astype(np.float32, copy=False).reshape(shape)
-            if name.endswith("q_proj.weight"):
-                arr = to_rotate_half(arr, c.n_heads)
-            elif name.endswith("k_proj.weight"):
-                arr = to_rotate_half(arr, c.n_kv_heads)
+            arr = qk_to_rotate_half(name, arr, c)
             yield name, arr, str(self.path)
             del arr
 
@@ -172,11 +169,7 @@ def save_llama2c(
             f.write(np.cos(angles).astype("<f4").tobytes())
             f.write(np.sin(angles).astype("<f4").tobytes())
             for name, value in checked_tensors(tensors, c, str(path)):
-                arr = np.asarray(value, dtype=np.float32)
-                if name.endswith("q_proj.weight"):
-                    arr = to_interleaved(arr, c.n_heads)
-                elif name.endswith("k_proj.weight"):
-                    arr = to_interleaved(arr, c.n_kv_heads)
+                arr = qk_to_interleaved(name, np.asarray(value, dtype=np.float32), c)
                 f.seek(offsets[name])
                 f.write(memoryview(np.ascontiguousarray(arr, dtype="<f4")).cast("B"))
                 del value, arr  # hold one tensor at a time

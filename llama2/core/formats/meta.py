@@ -30,8 +30,9 @@ from llama2.core.formats.base import (
     copy_tokenizer,
     expect_shape,
     name_table,
-    to_interleaved,
-    to_rotate_half,
+    qk_to_interleaved,
+    qk_to_rotate_half,
+    read_json_file,
 )
 
 __all__ = ["MetaCheckpoint", "save_meta", "split_dim", "meta_hidden_dim"]
@@ -92,12 +93,7 @@ class MetaCheckpoint(Checkpoint):
     def __init__(self, path: Path, config: ModelConfig | None = None) -> None:
         folder = Path(path) if Path(path).is_dir() else Path(path).parent
         pfile = folder / "params.json"
-        if not pfile.is_file():
-            raise FileNotFoundError(f"{pfile} not found: a Meta checkpoint needs params.json")
-        try:
-            params = json.loads(pfile.read_text())
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{pfile} is not valid JSON ({exc})") from None
+        params = read_json_file(pfile, "a Meta checkpoint needs params.json")
         self.files = _shards(folder)
         self._states: list[dict[str, Any]] | None = None
         tok = folder / "tokenizer.model"
@@ -179,10 +175,7 @@ class MetaCheckpoint(Checkpoint):
             t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
             arr = t.float().numpy() if t.dtype in (torch.bfloat16, torch.float64) else t.numpy()
             del t, parts
-            if name.endswith("q_proj.weight"):
-                arr = to_rotate_half(arr, c.n_heads)
-            elif name.endswith("k_proj.weight"):
-                arr = to_rotate_half(arr, c.n_kv_heads)
+            arr = qk_to_rotate_half(name, arr, c)
             yield name, arr, str(self.files[0] if dim is None else self.path / "consolidated.*.pth")
             del arr
 
@@ -287,11 +280,7 @@ def save_meta(
     with atomic_dir(path, overwrite) as tmp:
         writers = [_TorchZipWriter(tmp / f"consolidated.{r:02d}.pth") for r in range(mp)]
         for name, value in checked_tensors(tensors, c, str(path)):
-            arr = np.asarray(value)
-            if name.endswith("q_proj.weight"):
-                arr = to_interleaved(arr, c.n_heads)
-            elif name.endswith("k_proj.weight"):
-                arr = to_interleaved(arr, c.n_kv_heads)
+            arr = qk_to_interleaved(name, np.asarray(value), c)
             meta = table[name]
             dim = split_dim(meta)
             for r, w in enumerate(writers):  # one rank's slice at a time: at most one extra slice in memory
