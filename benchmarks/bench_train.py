@@ -3,7 +3,8 @@
     python benchmarks/bench_train.py [--preset small] [--batch 4] [--seq 256] [--steps 5] [--repeat 2]
 
 Each configuration runs in its own process (so peak RSS is its own): MindSpore PyNative and graph (jit) mode,
-llama2's torch backend (eager), and HF `LlamaForCausalLM` + `torch.optim.AdamW` on the same CPU. The four cases run
+the fused MindSpore step (grad + AdamW in one graph, as model-parallel runs compile it),
+llama2's torch backend (eager), and HF `LlamaForCausalLM` + `torch.optim.AdamW` on the same CPU. The cases run
 round-robin `--repeat` times, so that a change in the machine's load hits all of them alike. Prints a table of
 tokens/s from the fastest step after the warm-up step (the least disturbed by other processes) and from the median
 step, the ratio of the fastest to HF's, the first (compiling) step and peak RSS. Not a test: numbers depend on the
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 
-CASES = [("mindspore", "eager"), ("mindspore", "graph"), ("torch", "eager"), ("hf", "eager")]
+CASES = [("mindspore", "eager"), ("mindspore", "graph"), ("mindspore", "fused"), ("torch", "eager"), ("hf", "eager")]
 
 
 def _one(backend: str, mode: str, preset: str, batch: int, seq: int, steps: int) -> dict:
@@ -53,13 +54,23 @@ def _one(backend: str, mode: str, preset: str, batch: int, seq: int, steps: int)
         from llama2.core.backend import OptimConfig
         from llama2.core.model import build_runtime
 
-        rt = build_runtime(cfg, backend, mode=mode)
+        rt = build_runtime(cfg, backend, mode="graph" if mode == "fused" else mode)
         rt.init_weights(0)
-        state = rt.train_state(OptimConfig())
+        if mode == "fused":  # one graph per update (the semi-auto parallel step), without sharding
+            from llama2.core.parallel import derive_strategy
+            from llama2.core.train_config import ParallelConfig
+
+            state = rt.train_state(OptimConfig(), strategy=derive_strategy(cfg, ParallelConfig()))
+        else:
+            state = rt.train_state(OptimConfig())
         for b in batches:
             t = time.perf_counter()
-            _, n = state.accumulate(b[:, :-1].astype(np.int32), b[:, 1:].astype(np.int32))
-            state.apply(1e-4, n)
+            ids, labels = b[:, :-1].astype(np.int32), b[:, 1:].astype(np.int32)
+            if mode == "fused":
+                state.step_batch(ids, labels, 1e-4, int(labels.size))
+            else:
+                _, n = state.accumulate(ids, labels)
+                state.apply(1e-4, n)
             times.append(time.perf_counter() - t)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"times": times, "rss_mb": rss_mb}
@@ -109,6 +120,7 @@ def main() -> None:
     names = {
         "mindspore:eager": "llama2 MindSpore PyNative",
         "mindspore:graph": "llama2 MindSpore graph",
+        "mindspore:fused": "llama2 MindSpore fused",
         "torch:eager": "llama2 torch (eager)",
         "hf:eager": "HF LlamaForCausalLM+AdamW",
     }

@@ -99,7 +99,7 @@ def _attach_adapters(model: Model, path: Path) -> None:
         load_adapter(model, path)
 
 
-def pretrain(config: Any = None, **kwargs: Any) -> Model:
+def pretrain(config: Any = None, **kwargs: Any) -> Model | None:
     """Pretrain a model from a config/preset on a records file (config None + resume=True: continue the run in
     out_dir with its recorded settings); see `llama2.pretraining.pretrain`."""
     from llama2.pretraining import pretrain as _pretrain

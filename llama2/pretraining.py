@@ -85,7 +85,7 @@ def pretrain(
     log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
     **train_options: Any,
-) -> Model:
+) -> Model | None:
     """Pretrain a model on `data` and return it; checkpoints, metrics.jsonl and trainer state go to `out_dir`.
 
     config_or_preset: a ModelConfig, a preset name (`tiny`, `small`, `llama2-7b`, ...), a dict, a YAML run file's
@@ -102,6 +102,10 @@ def pretrain(
     (e.g. a larger `steps` to train longer, a new `lr`), except batch_size, seq_length, seed, shuffle and other
     data, which would change what the remaining steps read: those raise ResumeMismatchError.
     `stop_after` ends the run early after that step (for tests/demos).
+
+    `parallel` (a ParallelConfig or dict; default: data parallel over the launched processes): model_parallel > 1
+    trains under MindSpore semi-auto parallel on GPU/Ascend (docs/distributed.md; not verified on hardware here)
+    and returns None, since every process holds only its slices: load the result with `llama2.load(out_dir)`.
     """
     from llama2.core.model import Model, build_runtime
 
@@ -160,8 +164,17 @@ def pretrain(
     if parallel is None and world > 1:
         par = ParallelConfig(data_parallel=world)
     par.validate(world_size=world, device=opts["device"], model=config)
-    if par.model_parallel > 1 or par.pipeline_stage > 1:
-        raise ValueError("model_parallel/pipeline_stage > 1 are not supported by pretrain yet; use data_parallel")
+    if par.pipeline_stage > 1:
+        from llama2.core.parallel import PIPELINE_TRAINING_UNSUPPORTED
+
+        raise ValueError(PIPELINE_TRAINING_UNSUPPORTED.format(pp=par.pipeline_stage))
+    if par.sharded:
+        backend_name = given_model.runtime.backend_name if given_model is not None else opts["backend"]
+        if backend_name != "mindspore" or given_model is not None:
+            raise ValueError(
+                f"ParallelConfig: model_parallel={par.model_parallel} needs the MindSpore backend (semi-auto "
+                f"parallel) and a config or preset rather than a loaded Model (backend {backend_name!r})"
+            )
 
     if given_model is not None:
         runtime = given_model.runtime
@@ -172,6 +185,11 @@ def pretrain(
             config, opts["backend"], mode=opts["mode"], device=opts["device"], dtype=opts["dtype"], seed=train.seed
         )
         runtime.init_weights(train.seed)
+    train_state = None
+    if par.sharded:  # one fused step under MindSpore semi-auto parallel (GPU/Ascend; unverified on hardware here)
+        from llama2.core.parallel import derive_strategy
+
+        train_state = runtime.train_state(train.optim(), strategy=derive_strategy(config, par, world_size=world))
     trainer = Trainer(
         runtime,
         train,
@@ -184,6 +202,7 @@ def pretrain(
         log=log,
         extra_state={"parallel_config": par.to_dict(), **opts},
         data_path=data if isinstance(data, str | Path) else None,
+        train_state=train_state,
     )
     if resume_from is not None:
         trainer.resume()
@@ -197,8 +216,10 @@ def pretrain(
             f"out {out_dir}"
         )
     trainer.fit(stop_after=stop_after)
-    if trainer.step < train.steps:  # stopped early (stop_after): keep the position for resume=True
+    if trainer.step < train.steps and trainer.last_saved != trainer.step:  # stopped early: keep the position
         trainer.save()
+    if par.sharded:  # each process holds slices only: load the result with llama2.load(out_dir)
+        return None
     if given_model is not None:
         given_model.tokenizer = tok if tok is not None else given_model.tokenizer
         return given_model

@@ -73,16 +73,28 @@ def _slice(value: np.ndarray, shard: ParamShard | None, mp_index: int, mp: int) 
 
 
 def rank_part(
-    tensors: Iterable[tuple[str, np.ndarray]], strategy: ParallelStrategy, rank: int
+    tensors: Iterable[tuple[str, np.ndarray]], strategy: ParallelStrategy, rank: int, local: bool = False
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """The slices of `tensors` (full, canonical) that `rank` holds: its stage's parameters, its mp chunk."""
+    """The slices of `tensors` (full, canonical) that `rank` holds: its stage's parameters, its mp chunk.
+
+    `local`: `tensors` come from a sharded runtime that already holds only this rank's slices; they are kept as
+    they are after a check of their shapes against the strategy.
+    """
     _, stage, mp_index = strategy.rank_coords(rank)
     mp = strategy.parallel.model_parallel
     for name, value in tensors:
         shard = shard_of(strategy, name)
         if shard is not None and shard.stage != stage:
             continue
-        part = np.asarray(_slice(value, shard, mp_index, mp))
+        if not local:
+            part = np.asarray(_slice(value, shard, mp_index, mp))
+        elif shard is not None and np.ndim(value) == len(shard.shape) and np.shape(value) != shard.part_shape(mp):
+            raise ValueError(
+                f"rank {rank}: tensor {name!r} has shape {np.shape(value)} but its slice under the strategy is "
+                f"{shard.part_shape(mp)} (of {shard.shape}, split axis {shard.split_axis})"
+            )
+        else:
+            part = np.asarray(value)
         yield name, part if part.flags.c_contiguous else np.array(part, order="C")  # 0-d arrays stay 0-d
 
 
@@ -102,10 +114,12 @@ def save_rank_part(
     extra: dict[str, Any] | None = None,
     tokenizer_file: str | Path | None = None,
     ranks: Iterable[int] | None = None,
+    local: bool = False,
 ) -> Path:
     """Write OUT_DIR/rank_R (this rank's slices of the full `tensors` + strategy) atomically; returns the dir.
 
     `ranks`: every rank that writes a part of this checkpoint (recorded in strategy.json); default all.
+    `local`: `tensors` and `optimizer_state` are already this rank's slices (a sharded runtime's own).
     """
     from safetensors.numpy import save_file
 
@@ -113,11 +127,11 @@ def save_rank_part(
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"rank_{rank}"
     with atomic_dir(final, overwrite=True) as tmp:
-        part = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in rank_part(tensors, strategy, rank)}
+        part = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in rank_part(tensors, strategy, rank, local)}
         save_file(part, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         del part
         if optimizer_state is not None:
-            opt = {n: np.array(v, order="C") for n, v in rank_part(optimizer_state.items(), strategy, rank)}
+            opt = {n: np.array(v, order="C") for n, v in rank_part(optimizer_state.items(), strategy, rank, local)}
             save_file(opt, str(tmp / OPTIMIZER_FILE), metadata={"format": "llama2-optimizer"})
         if tokenizer_file is not None and rank == 0:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
@@ -141,11 +155,12 @@ def save_rank_checkpoint(
     tokenizer_file: str | Path | None = None,
     keep: int | None = None,
     replicas: bool = False,
+    local: bool = False,
 ) -> Path | None:
     """A training run's per-rank save: RUN_DIR/distributed/step_N/rank_R; keeps this rank's newest `keep` steps.
 
     Only the ranks of `saved_ranks` write (data-parallel index 0 unless `replicas`); the others return None
-    without writing anything.
+    without writing anything. `local`: the tensors are this rank's own slices (see `save_rank_part`).
     """
     strategy = run_strategy(config, parallel, world_size)
     writers = saved_ranks(strategy, replicas)
@@ -161,6 +176,7 @@ def save_rank_checkpoint(
         extra={"step": step},
         tokenizer_file=tokenizer_file,
         ranks=writers,
+        local=local,
     )
     if keep is not None:
         steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir())

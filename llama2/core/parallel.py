@@ -33,9 +33,23 @@ from llama2.core.config import ModelConfig
 from llama2.core.graph import Embedding, Llama, Node, RMSNorm, build_graph, named_nodes
 from llama2.core.train_config import ParallelConfig
 
-__all__ = ["ParamShard", "ParallelStrategy", "derive_strategy", "COLUMN", "ROW", "VOCAB", "REPLICATED"]
+__all__ = [
+    "ParamShard",
+    "ParallelStrategy",
+    "derive_strategy",
+    "COLUMN",
+    "ROW",
+    "VOCAB",
+    "REPLICATED",
+    "PIPELINE_TRAINING_UNSUPPORTED",
+]
 
 COLUMN, ROW, VOCAB, REPLICATED = "column", "row", "vocab", "replicated"
+PIPELINE_TRAINING_UNSUPPORTED = (
+    "ParallelConfig.pipeline_stage={pp}: pipeline-parallel training is not supported yet (its strategy is derived "
+    "and its checkpoints merge and re-split, but MindSpore's functional pipeline step was never run on hardware "
+    "here); use data_parallel x model_parallel"
+)
 _COLUMN_NAMES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _ROW_NAMES = ("o_proj", "down_proj")
 

@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import attrs
 import numpy as np
 
 from llama2.core import run_dir as rd
 from llama2.core.backend import IGNORE_INDEX, Runtime, TrainState
 from llama2.core.schedule import lr_at
 from llama2.core.train_config import TrainConfig
+from llama2.core.train_data import DataOrder, TrainData
 
 __all__ = ["TrainData", "DataOrder", "Trainer", "NonFiniteLossError", "detect_rank_world", "METRICS_FILE"]
 
@@ -58,138 +58,6 @@ def detect_rank_world() -> tuple[int, int]:
         except Exception:  # not initialized
             pass
     return 0, 1
-
-
-@attrs.frozen
-class TrainData:
-    """Training samples: `input_ids` (n, L) and optional `labels` (n, L) with IGNORE_INDEX on unscored tokens.
-
-    The model reads ids[:, :-1] and is scored on labels[:, 1:] (labels default to the ids), so a sample of
-    seq_length + 1 tokens trains seq_length positions, as the seed's preprocessing writes them.
-    """
-
-    input_ids: np.ndarray
-    labels: np.ndarray | None = None
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def seq_length(self) -> int:
-        """Positions the model sees per sample (L - 1)."""
-        return int(self.input_ids.shape[1]) - 1
-
-    def fingerprint(self) -> str:
-        """A hash of the samples (ids and labels, shapes included): equal data gives an equal fingerprint."""
-        import hashlib
-
-        h = hashlib.blake2b(digest_size=16)
-        for a in (self.input_ids, self.labels):
-            if a is not None:
-                h.update(repr((a.shape, str(a.dtype))).encode())
-                h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()
-
-    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids = self.input_ids[indices]
-        labels = ids if self.labels is None else self.labels[indices]
-        return np.ascontiguousarray(ids[:, :-1], np.int32), np.ascontiguousarray(labels[:, 1:], np.int32)
-
-    @classmethod
-    def from_any(cls, data: Any, seq_length: int | None = None, source: str = "data") -> TrainData:
-        """From a TrainData, a dict with `input_ids` (+ `labels`), a 2-D array of samples, or a 1-D token stream
-        (cut into non-overlapping samples of seq_length + 1 tokens, the remainder dropped)."""
-        if isinstance(data, TrainData):
-            return data
-        labels = None
-        if isinstance(data, dict):
-            if "input_ids" not in data:
-                raise ValueError(f"{source}: expected a field 'input_ids', found {sorted(data)}")
-            ids, labels = np.asarray(data["input_ids"]), data.get("labels")
-        else:
-            ids = np.asarray(data)
-        if ids.ndim == 1:
-            if seq_length is None:
-                raise ValueError(f"{source}: a 1-D token stream needs seq_length to be cut into samples")
-            n = ids.shape[0] // (seq_length + 1)
-            ids = ids[: n * (seq_length + 1)].reshape(n, seq_length + 1)
-        if ids.ndim != 2:
-            raise ValueError(f"{source}: expected token ids of shape (samples, tokens), got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"{source}: token ids must be integers, got dtype {ids.dtype}")
-        if ids.shape[0] == 0 or ids.shape[1] < 2:
-            raise ValueError(
-                f"{source}: no training samples (shape {ids.shape}); need at least one sample of >= 2 tokens"
-                + (f" (seq_length {seq_length} + 1 tokens each)" if seq_length else "")
-            )
-        if seq_length is not None and ids.shape[1] - 1 != seq_length:
-            if ids.shape[1] - 1 < seq_length:
-                raise ValueError(
-                    f"{source}: samples have {ids.shape[1]} tokens, fewer than seq_length + 1 = {seq_length + 1}"
-                )
-            ids = ids[:, : seq_length + 1]
-            labels = None if labels is None else np.asarray(labels)[:, : seq_length + 1]
-        if labels is not None:
-            labels = np.asarray(labels)
-            if labels.shape != ids.shape:
-                raise ValueError(f"{source}: labels have shape {labels.shape}, input_ids {ids.shape}")
-        return cls(ids, labels)
-
-    def check(self, vocab_size: int, max_seq_len: int, source: str = "data") -> None:
-        """Clear errors for ids outside the vocabulary or samples longer than the model's context."""
-        if self.seq_length > max_seq_len:
-            raise ValueError(
-                f"{source}: samples train {self.seq_length} positions (seq_length), above the model's "
-                f"max_seq_len {max_seq_len}; use a smaller seq_length or a model with a longer context"
-            )
-        lo, hi = int(self.input_ids.min()), int(self.input_ids.max())
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(
-                f"{source}: token ids range over [{lo}, {hi}] but the model's vocab_size is {vocab_size} "
-                "(was the data tokenized with a different tokenizer?)"
-            )
-        if self.labels is not None:
-            lab = self.labels[self.labels != IGNORE_INDEX]
-            if lab.size and (lab.min() < 0 or lab.max() >= vocab_size):
-                raise ValueError(f"{source}: labels outside [0, {vocab_size}) other than {IGNORE_INDEX}")
-
-
-@attrs.frozen
-class DataOrder:
-    """Which samples each step reads: a seeded permutation per epoch; incomplete last batches are dropped."""
-
-    n_samples: int
-    batch_size: int
-    seed: int = 0
-    shuffle: bool = True
-
-    def __attrs_post_init__(self) -> None:
-        if self.n_samples < self.batch_size:
-            raise ValueError(
-                f"the data has {self.n_samples} sample(s), fewer than batch_size {self.batch_size}; "
-                "use more data or a smaller batch"
-            )
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.n_samples // self.batch_size
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n_samples)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_samples)
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, batch index within the epoch) of global step `step` (0-based)."""
-        return divmod(step, self.steps_per_epoch)
-
-    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        """Sample indices of this rank's share of global step `step`."""
-        epoch, k = self.position(step)
-        batch = self.permutation(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
-        per_rank = self.batch_size // world_size
-        return batch[rank * per_rank : (rank + 1) * per_rank]
 
 
 class Trainer:
@@ -239,18 +107,29 @@ class Trainer:
         self._fingerprint: str | None = None
         cfg = runtime.config
         data.check(cfg.vocab_size, cfg.max_seq_len)
-        if config.batch_size % self.world_size:
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by the world size {self.world_size}")
-        self.per_rank = config.batch_size // self.world_size
+        self.state = train_state or runtime.train_state(config.optim())
+        # which rows this rank reads: its data-parallel index (model-parallel ranks of one index read the same rows)
+        self.data_rank, self.data_world = getattr(self.state, "data_shard", None) or (self.rank, self.world_size)
+        if config.batch_size % self.data_world:
+            raise ValueError(
+                f"batch_size {config.batch_size} is not divisible by the data-parallel size {self.data_world}"
+            )
+        self.per_rank = config.batch_size // self.data_world
         self.micro = config.micro_batch_size or self.per_rank
         if self.per_rank % self.micro:
             raise ValueError(
-                f"the per-rank batch ({self.per_rank} = batch_size {config.batch_size} / {self.world_size} ranks) "
+                f"the per-rank batch ({self.per_rank} = batch_size {config.batch_size} / {self.data_world} ranks) "
                 f"is not divisible by micro_batch_size {self.micro}"
             )
+        self.fused = bool(getattr(self.state, "fused", False))
+        if self.fused and self.micro != self.per_rank:
+            raise ValueError(
+                f"micro_batch_size {self.micro}: this train state makes one fused step per update over the whole "
+                f"per-rank batch ({self.per_rank}); leave micro_batch_size unset"
+            )
         self.order = DataOrder(data.n_samples, config.batch_size, config.seed, config.shuffle)
-        self.state = train_state or runtime.train_state(config.optim())
         self.step = 0
+        self.last_saved: int | None = None  # the step of the newest save (this process)
         self.elapsed = 0.0
         self.history: list[dict[str, Any]] = []
 
@@ -300,6 +179,9 @@ class Trainer:
         """Write a checkpoint of the current step (rank 0) and, with several ranks, this rank's part of the
         distributed checkpoint (ranks of data-parallel index 0, or every rank with `save_replicas`); returns the
         checkpoint dir on rank 0, else None."""
+        if getattr(self.state, "strategy", None) is not None:
+            return self._save_sharded()
+        self.last_saved = self.step
         writes_part = False
         if self.world_size > 1 and self.out_dir is not None:
             from llama2.core import dist_checkpoint as dc
@@ -311,21 +193,48 @@ class Trainer:
         tensors = list(self.model_tensors())  # built once for both saves
         optimizer_state = self.state.state_dict()
         if writes_part:
-            dc.save_rank_checkpoint(
-                self.out_dir,
-                self.step,
-                self.rank,
-                self.world_size,
-                self.runtime.config,
-                tensors,
-                parallel=self.extra_state.get("parallel_config"),
-                optimizer_state=optimizer_state,
-                tokenizer_file=self.tokenizer_file,
-                keep=self.config.keep,
-                replicas=self.save_replicas,
-            )
-        if not self.is_writer:
-            return None
+            self._write_part(tensors, optimizer_state, self.extra_state.get("parallel_config"))
+        return self._write_full(tensors, optimizer_state) if self.is_writer else None
+
+    def _save_sharded(self) -> Path | None:
+        """Model-parallel save: each rank of data-parallel index 0 writes its own slices, then (after every rank
+        has) rank 0 joins them into the full checkpoints/step_N that resume and `llama2.load` read."""
+        from llama2.core import dist_checkpoint as dc
+
+        strategy = self.state.strategy
+        self.last_saved = self.step
+        if self.out_dir is not None and self.rank in dc.saved_ranks(strategy, self.save_replicas):
+            # before the first compiled step the weights are still whole: cut them like a data-parallel save
+            self._write_part(self.model_tensors(), self.state.state_dict(), strategy.parallel, self.state.sliced)
+        self.state.barrier()  # every part is written
+        out = None
+        if self.is_writer:
+            parts = self.out_dir / dc.DISTRIBUTED / f"step_{self.step:08d}"
+            out = self._write_full(dc.merged_tensors(parts), dc.merged_optimizer_state(parts))
+        self.state.barrier()  # no rank rewrites or prunes a part while rank 0 still reads it
+        return out
+
+    def _write_part(self, tensors: Any, optimizer_state: Any, parallel: Any, local: bool = False) -> None:
+        """This rank's part of the distributed checkpoint OUT_DIR/distributed/step_N/rank_R."""
+        from llama2.core import dist_checkpoint as dc
+
+        dc.save_rank_checkpoint(
+            self.out_dir,
+            self.step,
+            self.rank,
+            self.world_size,
+            self.runtime.config,
+            tensors,
+            parallel=parallel,
+            optimizer_state=optimizer_state,
+            tokenizer_file=self.tokenizer_file,
+            keep=self.config.keep,
+            replicas=self.save_replicas,
+            local=local,
+        )
+
+    def _write_full(self, tensors: Any, optimizer_state: Any) -> Path:
+        """The full checkpoint OUT_DIR/checkpoints/step_N (rank 0)."""
         return rd.save_checkpoint(
             self.out_dir,
             self.step,
@@ -495,7 +404,12 @@ class Trainer:
         t0 = time.perf_counter()
         step = self.step
         lr = self.lr(step)
-        idx = self.order.indices(step, self.rank, self.world_size)
+        idx = self.order.indices(step, self.data_rank, self.data_world)
+        if self.fused:  # one call for the update; every rank counts the global batch's tokens itself
+            ids, labels = self.data.batch(idx)
+            n_tok = int((self.data.batch(self.order.indices(step))[1] != IGNORE_INDEX).sum())
+            sum_nll, norm = self.state.step_batch(ids, labels, lr, n_tok) if n_tok else (0.0, None)
+            return self._record(step, lr, t0, sum_nll, n_tok, int(ids.size) * self.data_world, norm)
         sum_nll, n_tok, n_in = 0.0, 0, 0
         for start in range(0, len(idx), self.micro):
             ids, labels = self.data.batch(idx[start : start + self.micro])
@@ -507,23 +421,35 @@ class Trainer:
         sum_nll, n_tok_f = self._reduce([sum_nll, n_tok])
         n_tok = int(round(n_tok_f))
         n_in *= self.world_size  # every rank reads an equal share
-        loss = sum_nll / max(n_tok, 1)
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss} at step {step + 1} (lr {lr:.3g}); stopping before the update. "
-                "Try a lower lr, a smaller grad_clip, or check the data."
-            )
+        self._check_loss(step, lr, sum_nll, n_tok)
         # n_tok is the global count when it could be summed over ranks: then every rank skips alike
         skip = n_tok == 0 and (self.world_size == 1 or hasattr(self.state, "all_reduce_sum"))
+        # skipped: the zero gradients accumulated this step stay in the state and add nothing to the next one
+        grad_norm = None if skip else float(self.state.apply(lr, local_tok if self.world_size > 1 else n_tok))
+        return self._record(step, lr, t0, sum_nll, n_tok, n_in, grad_norm)
+
+    def _check_loss(self, step: int, lr: float, sum_nll: float, n_tok: int) -> None:
+        loss = sum_nll / max(n_tok, 1)
+        if not math.isfinite(loss):
+            when = "after the fused update; nothing is saved for it" if self.fused else "before the update"
+            raise NonFiniteLossError(
+                f"training loss is {loss} at step {step + 1} (lr {lr:.3g}); stopping {when}. "
+                "Try a lower lr, a smaller grad_clip, or check the data."
+            )
+
+    def _record(
+        self, step: int, lr: float, t0: float, sum_nll: float, n_tok: int, n_in: int, grad_norm: float | None
+    ) -> dict[str, Any]:
+        """Advance to step + 1 and return its metrics (grad_norm None: the update was skipped, no scored token)."""
+        if self.fused:
+            self._check_loss(step, lr, sum_nll, n_tok)
+        loss = sum_nll / max(n_tok, 1)
+        skip = grad_norm is None
         if skip and self.rank == 0:  # all-zero gradients: no AdamW update, no weight decay, no momentum step
             self.log(
                 f"step {step + 1}: the batch scores no token (every label is {IGNORE_INDEX}); "
                 "skipping the optimizer update"
             )
-        if skip:  # the zero gradients accumulated this step stay in the state and add nothing to the next one
-            grad_norm = 0.0
-        else:
-            grad_norm = float(self.state.apply(lr, local_tok if self.world_size > 1 else n_tok))
         self.step = step + 1
         dt = time.perf_counter() - t0
         self.elapsed += dt
@@ -533,7 +459,7 @@ class Trainer:
             "epoch": epoch,
             "loss": loss,
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": 0.0 if grad_norm is None else grad_norm,
             "tokens": n_tok,
             "tokens_per_s": n_in / dt if dt > 0 else 0.0,
             "elapsed": round(self.elapsed, 4),

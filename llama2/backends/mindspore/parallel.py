@@ -11,9 +11,10 @@ process stops inside `init()`, before it could write anything. On GPU/Ascend eac
 
 Model / pipeline parallel: `configure_parallel` turns the backend-neutral `ParallelStrategy`
 (`llama2.core.parallel.derive_strategy`) into MindSpore semi-auto parallel settings from outside the model math:
-the auto-parallel context (device_num, pipeline_stages) and, per cell, `Cell.shard(in_strategy,
-parameter_plan=...)`, `cell.pipeline_stage` and `cell.recompute()`. `cell_shard_plan` (plain Python) lists what
-is applied to which cell. This needs GPU or Ascend; on CPU a sharded layout is a clear error.
+per cell, `Cell.shard(in_strategy, parameter_plan=...)`, `cell.pipeline_stage` and `cell.recompute()`;
+`cell_shard_plan` (plain Python) lists what is applied to which cell. The train step is compiled under
+`AutoParallel(..., "sharding_propagation")` (`llama2.backends.mindspore.fused`). This needs GPU or Ascend; on CPU
+a sharded layout is a clear error.
 """
 
 from __future__ import annotations
@@ -119,36 +120,27 @@ def cell_shard_plan(strategy: ParallelStrategy) -> dict[str, CellPlan]:
     return plans
 
 
-def configure_parallel(net: Any, strategy: ParallelStrategy, device: str) -> None:
-    """Apply `strategy` to a lowered network: semi-auto parallel context + per-cell shards and stages.
+def configure_parallel(net: Any, strategy: ParallelStrategy, device: str) -> tuple[int, int]:
+    """Apply `strategy`'s per-cell shards, pipeline stages and recompute flags to a lowered network; returns this
+    process's (rank, world size). The train step is then compiled under `AutoParallel` (`FusedTrainState`).
 
-    Data parallel only (model_parallel == pipeline_stage == 1) needs nothing here (see `init_from_env`).
-    Raises ValueError on CPU for a sharded layout, RuntimeError when the process group does not match.
+    Data parallel only (model_parallel == pipeline_stage == 1) shards nothing: it only joins the process group
+    (`init_from_env`). Raises ValueError on CPU for a sharded layout, RuntimeError when the group does not match.
     """
     p: ParallelConfig = strategy.parallel
     if not p.sharded:
-        return
+        return init_from_env()
     if device == "cpu":
         raise ValueError(
             f"ParallelConfig: model_parallel={p.model_parallel}, pipeline_stage={p.pipeline_stage} need GPU or "
             "Ascend devices (MindSpore semi-auto parallel); on CPU only data_parallel is supported"
         )
-    import mindspore as ms
-
     rank, world = init_from_env()
     if world != p.device_count:
         raise RuntimeError(
             f"ParallelConfig asks for {p.device_count} devices but {world} process(es) are initialized; launch "
             f"with msrun --worker_num {p.device_count}"
         )
-    ms.set_auto_parallel_context(
-        parallel_mode=ms.ParallelMode.SEMI_AUTO_PARALLEL,
-        device_num=world,
-        pipeline_stages=p.pipeline_stage,
-        search_mode="sharding_propagation",
-        full_batch=False,
-        enable_alltoall=p.use_seq_parallel,
-    )
     cells = dict(net.cells_and_names())
     for path, plan in cell_shard_plan(strategy).items():
         cell = cells.get(path)
@@ -160,3 +152,4 @@ def configure_parallel(net: Any, strategy: ParallelStrategy, device: str) -> Non
             cell.pipeline_stage = plan.stage
         if plan.recompute:
             cell.recompute()
+    return rank, world

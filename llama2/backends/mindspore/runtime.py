@@ -12,7 +12,7 @@ from mindspore import Tensor, nn, ops
 from llama2.core.backend import IGNORE_INDEX, OptimConfig, Runtime, RuntimeOptions, TrainState
 from llama2.core.graph import Llama
 
-__all__ = ["KVCache", "MindSporeRuntime", "token_nll_tensor", "left_pad_positions"]
+__all__ = ["KVCache", "MindSporeRuntime", "token_nll_tensor", "summed_nll", "left_pad_positions"]
 
 
 @attrs.define
@@ -47,6 +47,14 @@ def token_nll_tensor(logits: Tensor, labels: Tensor) -> Tensor:
     logp = ops.log_softmax(logits.astype(ms.float32), -1)
     picked = ops.gather_elements(logp, 2, safe.expand_dims(-1)).squeeze(-1)
     return ops.where(valid, -picked, ops.zeros_like(picked))
+
+
+def summed_nll(net: nn.Cell, ids: Tensor, labels: Tensor) -> Tensor:
+    """Summed NLL of `net` over scored tokens for full (unpadded) rows of ids: the training objective."""
+    b, s = ids.shape
+    positions = ops.broadcast_to(ops.arange(0, s, dtype=ms.int32).reshape(1, s), (b, s))
+    logits = net(ids, positions, ops.ones((b, s), ms.int32), None, None, 0, False)[0]
+    return token_nll_tensor(logits, labels).sum()
 
 
 class MindSporeRuntime(Runtime):
@@ -175,17 +183,20 @@ class MindSporeRuntime(Runtime):
                 self._run, self._nll = ms.jit(self._fns[0]), ms.jit(self._fns[1])
         super().train(mode)
 
-    def train_state(self, optim: OptimConfig) -> TrainState:
+    def train_state(self, optim: OptimConfig, strategy: Any = None) -> TrainState:
+        """Gradient accumulation + AdamW (`MindSporeTrainState`); with a `ParallelStrategy` (llama2.core.parallel),
+        one fused step per update under semi-auto parallel (`FusedTrainState`, GPU/Ascend for a sharded one)."""
+        if strategy is not None:
+            from llama2.backends.mindspore.fused import FusedTrainState
+
+            return FusedTrainState(self, optim, strategy)
         from llama2.backends.mindspore.train import MindSporeTrainState
 
         return MindSporeTrainState(self, optim)
 
     def loss_sum(self, ids: Tensor, labels: Tensor) -> Tensor:
         """Summed NLL over scored tokens for full (unpadded) rows: the training objective."""
-        b, s = ids.shape
-        positions = ops.broadcast_to(ops.arange(0, s, dtype=ms.int32).reshape(1, s), (b, s))
-        logits = self.net(ids, positions, ops.ones((b, s), ms.int32), None, None, 0, False)[0]
-        return token_nll_tensor(logits, labels).sum()
+        return summed_nll(self.net, ids, labels)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "mindspore", "version": ms.__version__, **attrs.asdict(self.options)}

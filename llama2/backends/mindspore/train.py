@@ -14,7 +14,7 @@ from llama2.core.backend import IGNORE_INDEX, OptimConfig, TrainState
 if TYPE_CHECKING:
     from llama2.backends.mindspore.runtime import MindSporeRuntime
 
-__all__ = ["MindSporeTrainState", "data_parallel_size", "all_reduce_sum"]
+__all__ = ["AdamWUpdate", "AdamWTrainState", "MindSporeTrainState", "data_parallel_size", "all_reduce_sum"]
 
 
 def data_parallel_size() -> int:
@@ -42,13 +42,11 @@ class AdamWUpdate(nn.Cell):
     def __init__(self, params: list[Parameter], weight_decays: list[float], optim: OptimConfig) -> None:
         super().__init__()
         self.params = ParameterTuple(params)
-        zeros = [np.zeros(p.shape, np.float32) for p in params]
-        self.exp_avg = ParameterTuple(
-            Parameter(Tensor(z), name=f"exp_avg.{p.name}", requires_grad=False) for z, p in zip(zeros, params)
-        )
-        self.exp_avg_sq = ParameterTuple(
-            Parameter(Tensor(z), name=f"exp_avg_sq.{p.name}", requires_grad=False) for z, p in zip(zeros, params)
-        )
+        # clones keep each parameter's parallel layout (semi-auto parallel shards a moment like its parameter)
+        self.exp_avg = self.params.clone(prefix="exp_avg", init="zeros")
+        self.exp_avg_sq = self.params.clone(prefix="exp_avg_sq", init="zeros")
+        for m in (*self.exp_avg, *self.exp_avg_sq):
+            m.requires_grad = False
         self.weight_decays = tuple(float(w) for w in weight_decays)
         self.beta1, self.beta2 = (float(b) for b in optim.betas)
         self.eps = float(optim.eps)
@@ -76,8 +74,8 @@ def _add_all(a: tuple, b: tuple) -> tuple:
     return tuple(x + y for x, y in zip(a, b))
 
 
-class MindSporeTrainState(TrainState):
-    """One optimizer step = `accumulate` calls (gradients of the summed NLL are added up) and one `apply`."""
+class AdamWTrainState(TrainState):
+    """The trainable parameters of a runtime, their `AdamWUpdate` and its (de)serialization; `step` counts updates."""
 
     def __init__(self, runtime: MindSporeRuntime, optim: OptimConfig) -> None:
         self.runtime = runtime
@@ -89,64 +87,27 @@ class MindSporeTrainState(TrainState):
         trainable = set(self.names)
         for name, p in runtime.params.items():
             p.requires_grad = name in trainable
-        grad_fn = ms.value_and_grad(runtime.loss_sum, None, weights=self.params)
-
-        def step(ids, labels):
-            return grad_fn(ids, labels)
-
-        self._step = ms.jit(step) if runtime.compiled else step
-        self.grads: tuple[Tensor, ...] | None = None
         decays = [float(optim.weight_decay) if (p.ndim > 1 or optim.decay_1d) else 0.0 for p in self.params]
         self.update = AdamWUpdate(self.params, decays, optim)
-        update = self.update
-
-        def update_step(grads, scale, lr, step_size, bias2_sqrt):
-            return update(grads, scale, lr, step_size, bias2_sqrt)
-
-        self._update = ms.jit(update_step) if runtime.compiled else update_step
-        self._add = ms.jit(_add_all) if runtime.compiled else _add_all
         self.step = 0
 
-    def accumulate(self, ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    def check_batch(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids, labels = np.asarray(ids), np.asarray(labels)
         if ids.ndim != 2 or labels.shape != ids.shape:
             raise ValueError(f"ids and labels must both be (batch, seq); got {ids.shape} and {labels.shape}")
         if ids.shape[1] > self.runtime.config.max_seq_len:
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_seq_len {self.runtime.config.max_seq_len}")
         self.runtime._check_vocab(ids)
-        n_tokens = int((labels != IGNORE_INDEX).sum())
-        loss, grads = self._step(Tensor(ids.astype(np.int32)), Tensor(labels.astype(np.int32)))
-        self.grads = tuple(grads) if self.grads is None else self._add(ms.mutable(self.grads), ms.mutable(tuple(grads)))
-        return float(loss.asnumpy()), n_tokens
+        return ids, labels
 
-    def apply(self, lr: float, n_tokens: int) -> float:
-        if self.grads is None:
-            raise RuntimeError("apply() called before any accumulate() in this step")
-        grads = self.grads
-        if data_parallel_size() > 1:
-            grads = [all_reduce_sum(g) for g in grads]
-            n_tokens = int(all_reduce_sum(Tensor(np.array([n_tokens], np.float32))).asnumpy()[0])
+    def next_scalars(self, lr: float, n_tokens: int) -> tuple[float, float, float, float]:
+        """Advance `step`; the update's (1/tokens, lr, bias-corrected step size, sqrt(1 - beta2^t))."""
         if n_tokens <= 0:
-            raise ValueError(f"apply() needs a positive token count, got {n_tokens}")
+            raise ValueError(f"an optimizer update needs a positive token count, got {n_tokens}")
         self.step += 1
         beta1, beta2 = (float(b) for b in self.optim.betas)
-        f32 = ms.float32
-        norm = self._update(
-            ms.mutable(tuple(grads)),  # a plain tuple of tensors would be a constant: one compilation per step
-            Tensor(1.0 / float(n_tokens), f32),
-            Tensor(float(lr), f32),
-            Tensor(float(lr) / (1.0 - beta1**self.step), f32),
-            Tensor(math.sqrt(1.0 - beta2**self.step), f32),
-        )
-        self.grads = None
-        return float(norm.asnumpy())
-
-    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
-        """`values` summed over the data-parallel world (so rank 0 logs the global loss); identity in one process."""
-        values = np.asarray(values)
-        if data_parallel_size() == 1:
-            return values
-        return all_reduce_sum(Tensor(values.astype(np.float32))).asnumpy().astype(values.dtype)
+        lr = float(lr)
+        return 1.0 / float(n_tokens), lr, lr / (1.0 - beta1**self.step), math.sqrt(1.0 - beta2**self.step)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {"step": np.array(self.step, np.float32)}
@@ -173,4 +134,55 @@ class MindSporeTrainState(TrainState):
         for dest, value in values:  # all checked first: a bad state leaves the moments untouched
             ops.assign(dest, Tensor(value))
         self.step = int(np.asarray(state["step"]))
+
+
+class MindSporeTrainState(AdamWTrainState):
+    """One optimizer step = `accumulate` calls (gradients of the summed NLL are added up) and one `apply`."""
+
+    def __init__(self, runtime: MindSporeRuntime, optim: OptimConfig) -> None:
+        super().__init__(runtime, optim)
+        grad_fn = ms.value_and_grad(runtime.loss_sum, None, weights=self.params)
+
+        def step(ids, labels):
+            return grad_fn(ids, labels)
+
+        self._step = ms.jit(step) if runtime.compiled else step
+        self.grads: tuple[Tensor, ...] | None = None
+        update = self.update
+
+        def update_step(grads, scale, lr, step_size, bias2_sqrt):
+            return update(grads, scale, lr, step_size, bias2_sqrt)
+
+        self._update = ms.jit(update_step) if runtime.compiled else update_step
+        self._add = ms.jit(_add_all) if runtime.compiled else _add_all
+
+    def accumulate(self, ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        ids, labels = self.check_batch(ids, labels)
+        n_tokens = int((labels != IGNORE_INDEX).sum())
+        loss, grads = self._step(Tensor(ids.astype(np.int32)), Tensor(labels.astype(np.int32)))
+        self.grads = tuple(grads) if self.grads is None else self._add(ms.mutable(self.grads), ms.mutable(tuple(grads)))
+        return float(loss.asnumpy()), n_tokens
+
+    def apply(self, lr: float, n_tokens: int) -> float:
+        if self.grads is None:
+            raise RuntimeError("apply() called before any accumulate() in this step")
+        grads = self.grads
+        if data_parallel_size() > 1:
+            grads = [all_reduce_sum(g) for g in grads]
+            n_tokens = int(all_reduce_sum(Tensor(np.array([n_tokens], np.float32))).asnumpy()[0])
+        # a plain tuple of tensors would be a constant: one compilation per step
+        scalars = (Tensor(x, ms.float32) for x in self.next_scalars(lr, n_tokens))
+        norm = self._update(ms.mutable(tuple(grads)), *scalars)
         self.grads = None
+        return float(norm.asnumpy())
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state_dict(state)
+        self.grads = None
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """`values` summed over the data-parallel world (so rank 0 logs the global loss); identity in one process."""
+        values = np.asarray(values)
+        if data_parallel_size() == 1:
+            return values
+        return all_reduce_sum(Tensor(values.astype(np.float32))).asnumpy().astype(values.dtype)
