@@ -161,8 +161,8 @@ def pretrain(
 
     rank, world = detect_rank_world()
     par = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.from_dict(dict(parallel or {}))
-    if parallel is None and world > 1:
-        par = ParallelConfig(data_parallel=world)
+    if world > 1 and par.device_count == 1:  # no layout given (maybe only recompute): data parallel over all
+        par = attrs.evolve(par, data_parallel=world)
     par.validate(world_size=world, device=opts["device"], model=config)
     if par.pipeline_stage > 1:
         from llama2.core.parallel import PIPELINE_TRAINING_UNSUPPORTED
@@ -185,6 +185,8 @@ def pretrain(
             config, opts["backend"], mode=opts["mode"], device=opts["device"], dtype=opts["dtype"], seed=train.seed
         )
         runtime.init_weights(train.seed)
+    if par.recompute and not par.sharded:  # a sharded run sets it per cell with the strategy
+        runtime.enable_recompute()
     train_state = None
     if par.sharded:  # one fused step under MindSpore semi-auto parallel (GPU/Ascend; unverified on hardware here)
         from llama2.core.parallel import derive_strategy

@@ -238,3 +238,53 @@ def test_model_parallel_pretrain_on_devices(tmp_path: Path) -> None:
     assert sorted(got) == sorted(ref)
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["mindspore", "torch"])
+def test_recompute_changes_memory_not_numbers(backend: str) -> None:
+    """Activation recomputation (ParallelConfig.recompute / --recompute) trains to the same weights."""
+    from llama2.core.model import build_runtime
+
+    data = TrainData.from_any(_data())
+    train = TrainConfig(steps=2, batch_size=4, lr=3e-3, grad_clip=0.5)
+    weights = []
+    for recompute in (False, True):
+        rt = build_runtime(CFG, backend, mode="graph" if backend == "mindspore" else "eager")
+        rt.init_weights(0)
+        if recompute and backend == "mindspore":  # CPU graph mode: it warns that memory will not go down
+            with pytest.warns(UserWarning, match="does not lower memory"):
+                rt.enable_recompute()
+                rt.enable_recompute()  # idempotent (MindSpore refuses configuring a cell twice)
+        elif recompute:
+            rt.enable_recompute()
+        hist = Trainer(rt, train, data, None, rank=0, world_size=1, progress=False).fit()
+        weights.append((dict(rt.state_dict()), [h["loss"] for h in hist]))
+    (w0, l0), (w1, l1) = weights
+    np.testing.assert_allclose(l1, l0, rtol=0, atol=1e-6)
+    for name in w0:
+        np.testing.assert_allclose(w1[name], w0[name], rtol=0, atol=1e-6, err_msg=name)
+    if backend == "torch":  # the checkpointed block runs its forward again during backward
+        blocks = [m for m in rt.module.modules() if getattr(m, "recompute", False) is True]
+        assert len(blocks) == CFG.n_layers
+        seen = []
+        blocks[0].mlp.register_forward_pre_hook(lambda *a: seen.append(1))
+        ids = _data(2)
+        rt.train_state(train.optim()).accumulate(ids[:, :-1], ids[:, 1:])
+        assert len(seen) == 2
+
+
+def test_recompute_flags_and_finetune_refuses_model_parallel(tmp_path: Path, capsys) -> None:
+    import argparse
+
+    from llama2.cli import main
+    from llama2.commands import pretrain as pretrain_cmd
+
+    parser = argparse.ArgumentParser()
+    pretrain_cmd.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--data", "x.npy", "--out", "o", "--recompute"])
+    _, kwargs = pretrain_cmd.build_kwargs(args)
+    assert kwargs["parallel"] == ParallelConfig(recompute=True)
+    rc = main(["finetune", "--config", "finetune_llama2_70b", "--model", "m", "--data", "d.npy", "--out", "o"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "finetune_llama2_70b" in err and "model_parallel=8" in err and "data parallel only" in err

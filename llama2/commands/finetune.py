@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer.model (default: the one beside the weights)")
     p.add_argument("--template", help="fastchat template for JSON data (default vicuna_v1.1)")
     p.add_argument("--overflow", choices=["truncate", "drop"], help="too-long JSON samples (default truncate)")
+    p.add_argument(
+        "--recompute", action="store_true", default=None, help="recompute activations in backward (less memory)"
+    )
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--rank", dest="r", type=int, help="LoRA rank (default 8)")
     lora.add_argument("--alpha", type=float, help="LoRA alpha (default 16)")
@@ -119,6 +122,14 @@ def build_kwargs(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             model = file_kw.get("load_checkpoint")
         kwargs.update({k: v for k, v in file_kw.items() if k in _RUN_KEYS + _FROM_FILE})
         file_tokenizer = kwargs.get("tokenizer")
+        if rc.parallel.sharded:
+            raise ValueError(
+                f"{rc.source}: parallel_config has model_parallel={rc.parallel.model_parallel}, pipeline_stage="
+                f"{rc.parallel.pipeline_stage}, but finetune is data parallel only (one process per data-parallel "
+                "rank, each holding the whole model); set them to 1 or use a smaller model"
+            )
+        if rc.parallel.recompute:
+            kwargs["recompute"] = True
         section = rc.extra.get("finetune") or {}
         if not isinstance(section, dict):
             raise ValueError(f"{rc.source}: section 'finetune' must be a mapping")
@@ -141,6 +152,8 @@ def build_kwargs(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     elif args.epochs is not None:
         kwargs.pop("steps", None)
     kwargs.update(adapter_options(args))
+    if args.recompute:
+        kwargs["recompute"] = True
     kwargs["resume"] = bool(args.resume)
     kwargs["progress"] = not args.no_progress
     if model is None and not args.resume:

@@ -241,6 +241,11 @@ class Runtime(abc.ABC):
         """Switch dropout (adapters) on or off; the base model has none."""
         self.training = mode
 
+    def enable_recompute(self) -> None:
+        """Recompute each decoder block's activations in the backward pass instead of keeping them (activation
+        checkpointing: less memory, one more forward per block). Same numbers; call before training starts."""
+        raise NotImplementedError(f"the {self.backend_name} backend cannot recompute activations")
+
 
 def init_array(spec: ParamSpec, rng: np.random.Generator) -> np.ndarray:
     if spec.init == "zeros":

@@ -105,10 +105,11 @@ class ParallelConfig:
 
     data_parallel * model_parallel * pipeline_stage must equal the device (process) count; micro_batch_num (the
     pipeline's micro-batches per step) must be >= pipeline_stage; model_parallel must divide n_heads, n_kv_heads
-    and hidden_dim; pipeline_stage must divide n_layers. Model (tensor) and pipeline parallelism run on GPU/Ascend
-    through MindSpore's semi-auto parallel (strategy from `llama2.core.parallel.derive_strategy`); on CPU only
-    data parallelism works. vocab_emb_dp keeps the embedding and LM head replicated (data parallel only);
-    use_seq_parallel and recompute are passed to the backend (sequence-parallel norms, activation recomputation).
+    and hidden_dim; pipeline_stage must divide n_layers. Model (tensor) parallelism trains on GPU/Ascend through
+    MindSpore's semi-auto parallel (strategy from `llama2.core.parallel.derive_strategy`; unverified on hardware),
+    pipeline parallelism is not trained yet; on CPU only data parallelism works. vocab_emb_dp keeps the embedding
+    and LM head replicated (data parallel only); recompute recomputes each block's activations in the backward
+    pass (every backend and layout); use_seq_parallel has no effect yet (docs/distributed.md).
     """
 
     data_parallel: int = attrs.field(default=1, validator=_positive)

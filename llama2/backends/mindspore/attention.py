@@ -7,7 +7,7 @@ import math
 import mindspore as ms
 from mindspore import Tensor, ops
 
-__all__ = ["rotate_half", "apply_rope", "attention", "allowed_slots", "write_slots"]
+__all__ = ["rotate_half", "apply_rope", "attention", "allowed_slots", "score_bias", "write_slots"]
 
 # Large finite negative score for masked slots: a row with every slot masked gets a uniform (finite) softmax
 # instead of NaN.
@@ -25,20 +25,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.astype(ms.float32) * cos + rotate_half(x.astype(ms.float32)) * sin).astype(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d) over allowed slots) v, grouped-query.
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v, grouped-query.
 
-    q (batch, n_heads, s, d); k, v (batch, n_kv_heads, L, d), already rotated; allowed bool (batch, 1, s, L).
-    Query head h reads key/value head h // n_rep (consecutive query heads share a kv head). Scores and softmax
-    are computed in fp32. Returns (batch, n_heads, s, d) in q's dtype.
+    q (batch, n_heads, s, d); k, v (batch, n_kv_heads, L, d), already rotated; bias fp32 (batch, 1, s, L), 0 on
+    allowed slots and MASKED_SCORE elsewhere (`score_bias`). Query head h reads key/value head h // n_rep
+    (consecutive query heads share a kv head). Scores and softmax are computed in fp32. Returns (batch, n_heads,
+    s, d) in q's dtype. Written to keep few (s, L)-sized intermediates: a compiled MindSpore graph on CPU keeps
+    each one for the backward pass.
     """
     b, n_heads, s, d = q.shape
     n_kv = k.shape[1]
-    qg = q.reshape(b, n_kv, n_heads // n_kv, s, d)  # group g = h // n_rep, member r = h % n_rep
-    scores = ops.matmul(qg, k.expand_dims(2).swapaxes(-1, -2)).astype(ms.float32) * (1.0 / math.sqrt(d))
-    scores = ops.where(allowed.expand_dims(1), scores, MASKED_SCORE)  # (b, n_kv, n_rep, s, L)
-    probs = ops.softmax(scores, -1).astype(v.dtype)
+    qg = (q * (1.0 / math.sqrt(d))).reshape(b, n_kv, n_heads // n_kv, s, d)  # group g = h // n_rep
+    scores = ops.matmul(qg, k.expand_dims(2).swapaxes(-1, -2))  # (b, n_kv, n_rep, s, L)
+    if scores.dtype != ms.float32:
+        scores = scores.astype(ms.float32)
+    probs = ops.softmax(scores + bias.expand_dims(1), -1)
+    if probs.dtype != v.dtype:
+        probs = probs.astype(v.dtype)
     return ops.matmul(probs, v.expand_dims(2)).reshape(b, n_heads, s, d)
+
+
+def score_bias(allowed: Tensor) -> Tensor:
+    """fp32 additive attention bias from a bool mask: 0 where allowed, MASKED_SCORE elsewhere (no gradient)."""
+    return ops.stop_gradient(ops.where(allowed, 0.0, MASKED_SCORE).astype(ms.float32))
 
 
 def allowed_slots(key_mask: Tensor, start: int | Tensor, s: int) -> Tensor:

@@ -11,7 +11,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from llama2.backends.mindspore.attention import allowed_slots, apply_rope, attention, write_slots
+from llama2.backends.mindspore.attention import allowed_slots, apply_rope, attention, score_bias, write_slots
 
 __all__ = [
     "zeros_param",
@@ -107,7 +107,7 @@ class AttentionCell(nn.Cell):
         """Prefix (key, value) tensors to prepend, or None (the base model has none)."""
         return None
 
-    def construct(self, x, cos, sin, allowed, cache_k=None, cache_v=None, start=0):
+    def construct(self, x, cos, sin, bias, cache_k=None, cache_v=None, start=0):
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.n_heads, self.head_dim).swapaxes(1, 2)
         k = self.k_proj(x).reshape(b, s, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
@@ -115,13 +115,13 @@ class AttentionCell(nn.Cell):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_k is not None:  # keys/values of every slot so far, the new ones written at [start, start + s)
             k, v = write_slots(cache_k, k, start), write_slots(cache_v, v, start)
-        keys, values, mask = k, v, allowed
+        keys, values, mask = k, v, bias
         extra = self.extra_kv(b)
         if extra is not None:
             keys = ops.cat((extra[0].astype(k.dtype), k), 2)
             values = ops.cat((extra[1].astype(v.dtype), v), 2)
-            visible = ops.ones((b, 1, s, extra[0].shape[2]), ms.bool_)
-            mask = ops.cat((visible, allowed), 3)
+            visible = ops.zeros((b, 1, s, extra[0].shape[2]), ms.float32)
+            mask = ops.cat((visible, bias), 3)
         out = attention(q, keys, values, mask).swapaxes(1, 2).reshape(b, s, self.n_heads * self.head_dim)
         return self.o_proj(out), k, v
 
@@ -145,8 +145,8 @@ class BlockCell(nn.Cell):
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
 
-    def construct(self, x, cos, sin, allowed, cache_k=None, cache_v=None, start=0):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache_k, cache_v, start)
+    def construct(self, x, cos, sin, bias, cache_k=None, cache_v=None, start=0):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, cache_k, cache_v, start)
         h = x + a
         return h + self.mlp(self.post_attention_layernorm(h)), k, v
 
@@ -161,15 +161,15 @@ class DecoderCell(nn.Cell):
         self.norm = norm
         self.n_layers = len(layers)
 
-    def construct(self, ids, cos, sin, allowed, cache_k=None, cache_v=None, start=0):
+    def construct(self, ids, cos, sin, bias, cache_k=None, cache_v=None, start=0):
         h = self.embed_tokens(ids)
         ks = ()
         vs = ()
         for i in range(self.n_layers):
             if cache_k is None:
-                h, k, v = self.layers[i](h, cos, sin, allowed)
+                h, k, v = self.layers[i](h, cos, sin, bias)
             else:
-                h, k, v = self.layers[i](h, cos, sin, allowed, cache_k[i], cache_v[i], start)
+                h, k, v = self.layers[i](h, cos, sin, bias, cache_k[i], cache_v[i], start)
             ks = ks + (k,)
             vs = vs + (v,)
         return self.norm(h), ks, vs
@@ -195,8 +195,8 @@ class LlamaCell(nn.Cell):
         s = ids.shape[1]
         cos = ops.gather(self.rope_cos, positions, 0).expand_dims(1)  # (batch, 1, s, head_dim)
         sin = ops.gather(self.rope_sin, positions, 0).expand_dims(1)
-        allowed = allowed_slots(key_mask, start, s)
-        h, ks, vs = self.model(ids, cos, sin, allowed, cache_k, cache_v, start)
+        bias = score_bias(allowed_slots(key_mask, start, s))  # once for every layer
+        h, ks, vs = self.model(ids, cos, sin, bias, cache_k, cache_v, start)
         if last_only:
             h = h[:, -1:]
         if self.tied:

@@ -151,5 +151,7 @@ def configure_parallel(net: Any, strategy: ParallelStrategy, device: str) -> tup
         if plan.stage is not None and p.pipeline_stage > 1:
             cell.pipeline_stage = plan.stage
         if plan.recompute:
-            cell.recompute()
+            from llama2.backends.mindspore.runtime import recompute_once
+
+            recompute_once(cell)
     return rank, world

@@ -12,7 +12,7 @@ from mindspore import Tensor, nn, ops
 from llama2.core.backend import IGNORE_INDEX, OptimConfig, Runtime, RuntimeOptions, TrainState
 from llama2.core.graph import Llama
 
-__all__ = ["KVCache", "MindSporeRuntime", "token_nll_tensor", "summed_nll", "left_pad_positions"]
+__all__ = ["KVCache", "MindSporeRuntime", "token_nll_tensor", "summed_nll", "recompute_once", "left_pad_positions"]
 
 
 @attrs.define
@@ -47,6 +47,13 @@ def token_nll_tensor(logits: Tensor, labels: Tensor) -> Tensor:
     logp = ops.log_softmax(logits.astype(ms.float32), -1)
     picked = ops.gather_elements(logp, 2, safe.expand_dims(-1)).squeeze(-1)
     return ops.where(valid, -picked, ops.zeros_like(picked))
+
+
+def recompute_once(cell: nn.Cell) -> None:
+    """`cell.recompute()` unless done already (MindSpore allows configuring a cell only once)."""
+    if not getattr(cell, "llama2_recompute", False):
+        cell.recompute()
+        cell.llama2_recompute = True
 
 
 def summed_nll(net: nn.Cell, ids: Tensor, labels: Tensor) -> Tensor:
@@ -182,6 +189,20 @@ class MindSporeRuntime(Runtime):
             if self.compiled and mode_dependent:
                 self._run, self._nll = ms.jit(self._fns[0]), ms.jit(self._fns[1])
         super().train(mode)
+
+    def enable_recompute(self) -> None:
+        if self.options.device == "cpu" and self.compiled:
+            import warnings
+
+            warnings.warn(
+                "recompute on MindSpore CPU graph mode does not lower memory (measured: +8% peak RSS, +20% step "
+                "time); it is meant for GPU/Ascend. On CPU, mode='eager' trains in ~5x less memory than graph mode",
+                stacklevel=2,
+            )
+        for block in self.net.model.layers:
+            recompute_once(block)
+        if self.compiled:  # a graph compiled before would keep the activations
+            self._run, self._nll = ms.jit(self._fns[0]), ms.jit(self._fns[1])
 
     def train_state(self, optim: OptimConfig, strategy: Any = None) -> TrainState:
         """Gradient accumulation + AdamW (`MindSporeTrainState`); with a `ParallelStrategy` (llama2.core.parallel),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from llama2.core.backend import Backend, rope_tables
@@ -215,7 +216,14 @@ class TorchBlock(nn.Module):
         self.post_attention_layernorm = backend.lower(node.post_attention_layernorm)
         self.mlp = backend.lower(node.mlp)
 
+        self.recompute = False  # activation checkpointing while training (TorchRuntime.enable_recompute)
+
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if self.recompute and ctx.cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, ctx, use_reentrant=False)
+        return self._forward(x, ctx)
+
+    def _forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), ctx)
         return h + self.mlp(self.post_attention_layernorm(h))
 

@@ -196,6 +196,13 @@ class TorchRuntime(Runtime):
         return {"backend": "torch", "version": torch.__version__, **attrs.asdict(self.options), "fsdp": self.fsdp}
 
     # ---- training ------------------------------------------------------------------------------------------
+    def enable_recompute(self) -> None:
+        from llama2.backends.torch.lowering import TorchBlock
+
+        for m in self.module.modules():
+            if isinstance(m, TorchBlock):
+                m.recompute = True
+
     def train(self, mode: bool = True) -> None:
         super().train(mode)
         self.module.train(mode)
