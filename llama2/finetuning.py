@@ -165,7 +165,7 @@ def finetune(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
-    recompute: bool = False,
+    recompute: bool | None = None,
     **adapter_options: Any,
 ) -> Model:
     """Finetune `model` (a Model, or a checkpoint path loaded with `llama2.load`) on SFT `data`; returns it.
@@ -185,7 +185,8 @@ def finetune(
     path, data file, template, training settings, backend/mode/device/dtype): `finetune(None, out_dir=run,
     resume=True)`. Given values override them, except batch_size, seq_length, seed, data, method and adapter
     options, which would change the data or the trained graph mid-run (ResumeMismatchError).
-    `recompute=True` recomputes each block's activations in the backward pass (less memory, same numbers).
+    `recompute=True` recomputes each block's activations in the backward pass (less memory, same numbers; None:
+    the resumed run's setting, else off).
     Finetuning is data parallel over the launched processes (msrun/torchrun); model parallelism is pretrain's.
     """
     from llama2.pretraining import explicit_settings, resumed_data
@@ -272,6 +273,7 @@ def finetune(
         tuned = attach_adapter(base, method, adapter_config, seed=train.seed, **adapter_options)
         adapter = _Adapter(tuned, method)
 
+    recompute = bool(saved_ft.get("recompute", False)) if recompute is None else bool(recompute)
     if recompute:
         tuned.runtime.enable_recompute()
     rank, world = detect_rank_world()
@@ -299,6 +301,7 @@ def finetune(
                 "base_model": base_path,
                 "template": template,
                 "overflow": overflow,
+                "recompute": recompute,
             },
             "backend": tuned.runtime.backend_name,
             "mode": ro.mode,

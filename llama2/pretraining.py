@@ -103,7 +103,8 @@ def pretrain(
     data, which would change what the remaining steps read: those raise ResumeMismatchError.
     `stop_after` ends the run early after that step (for tests/demos).
 
-    `parallel` (a ParallelConfig or dict; default: data parallel over the launched processes): model_parallel > 1
+    `parallel` (a ParallelConfig or dict; default, or any layout of one device: data parallel over the launched
+    processes; `recompute` recomputes activations in the backward pass, kept on resume): model_parallel > 1
     trains under MindSpore semi-auto parallel on GPU/Ascend (docs/distributed.md; not verified on hardware here)
     and returns None, since every process holds only its slices: load the result with `llama2.load(out_dir)`.
     """
@@ -163,6 +164,9 @@ def pretrain(
     par = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.from_dict(dict(parallel or {}))
     if world > 1 and par.device_count == 1:  # no layout given (maybe only recompute): data parallel over all
         par = attrs.evolve(par, data_parallel=world)
+    saved_par = (state or {}).get("parallel_config") or {}
+    if parallel is None and saved_par.get("recompute"):  # a resumed run keeps its recompute setting
+        par = attrs.evolve(par, recompute=True)
     par.validate(world_size=world, device=opts["device"], model=config)
     if par.pipeline_stage > 1:
         from llama2.core.parallel import PIPELINE_TRAINING_UNSUPPORTED

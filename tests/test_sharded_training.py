@@ -240,30 +240,41 @@ def test_model_parallel_pretrain_on_devices(tmp_path: Path) -> None:
         np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("backend", ["mindspore", "torch"])
-def test_recompute_changes_memory_not_numbers(backend: str) -> None:
-    """Activation recomputation (ParallelConfig.recompute / --recompute) trains to the same weights."""
+_RECOMPUTE_CASES = [("mindspore", "graph"), ("mindspore", "eager"), ("torch", "eager")]
+
+
+def _enable_recompute(rt) -> None:
+    if rt.backend_name == "mindspore" and rt.compiled:  # CPU graph mode: it warns that memory will not go down
+        with pytest.warns(UserWarning, match="does not lower memory"):
+            rt.enable_recompute()
+            rt.enable_recompute()  # idempotent (MindSpore refuses configuring a cell twice)
+    else:
+        rt.enable_recompute()
+
+
+@pytest.mark.parametrize(("backend", "mode"), _RECOMPUTE_CASES)
+def test_recompute_changes_memory_not_numbers(backend: str, mode: str) -> None:
+    """Activation recomputation (ParallelConfig.recompute / --recompute) trains to the same weights, and the
+    blocks are really recomputed (MindSpore: the cells carry a recompute wrapper; torch: the block runs again)."""
     from llama2.core.model import build_runtime
 
     data = TrainData.from_any(_data())
     train = TrainConfig(steps=2, batch_size=4, lr=3e-3, grad_clip=0.5)
     weights = []
     for recompute in (False, True):
-        rt = build_runtime(CFG, backend, mode="graph" if backend == "mindspore" else "eager")
+        rt = build_runtime(CFG, backend, mode=mode)
         rt.init_weights(0)
-        if recompute and backend == "mindspore":  # CPU graph mode: it warns that memory will not go down
-            with pytest.warns(UserWarning, match="does not lower memory"):
-                rt.enable_recompute()
-                rt.enable_recompute()  # idempotent (MindSpore refuses configuring a cell twice)
-        elif recompute:
-            rt.enable_recompute()
+        if recompute:
+            _enable_recompute(rt)
         hist = Trainer(rt, train, data, None, rank=0, world_size=1, progress=False).fit()
         weights.append((dict(rt.state_dict()), [h["loss"] for h in hist]))
     (w0, l0), (w1, l1) = weights
     np.testing.assert_allclose(l1, l0, rtol=0, atol=1e-6)
     for name in w0:
         np.testing.assert_allclose(w1[name], w0[name], rtol=0, atol=1e-6, err_msg=name)
-    if backend == "torch":  # the checkpointed block runs its forward again during backward
+    if backend == "mindspore":
+        assert all(block._recompute_cell is not None for block in rt.net.model.layers)
+    else:  # the checkpointed block runs its forward again during backward
         blocks = [m for m in rt.module.modules() if getattr(m, "recompute", False) is True]
         assert len(blocks) == CFG.n_layers
         seen = []
@@ -271,6 +282,50 @@ def test_recompute_changes_memory_not_numbers(backend: str) -> None:
         ids = _data(2)
         rt.train_state(train.optim()).accumulate(ids[:, :-1], ids[:, 1:])
         assert len(seen) == 2
+
+
+@pytest.mark.parametrize(("backend", "mode"), _RECOMPUTE_CASES)
+def test_recompute_replays_dropout_masks(backend: str, mode: str) -> None:
+    """LoRA with dropout 0.3: one update with recomputation equals one without (the recomputed forward draws the
+    same dropout mask), and differs from dropout 0 (the dropout was active)."""
+    from llama2.core.backend import OptimConfig
+    from llama2.core.model import create
+    from llama2.peft import attach_adapter
+
+    ids = _data(4)
+
+    def one_update(dropout: float, recompute: bool) -> dict[str, np.ndarray]:
+        model = attach_adapter(
+            create(CFG, backend=backend, seed=1, mode=mode), "lora", None, seed=0, r=4, dropout=dropout
+        )
+        rt = model.runtime
+        if recompute:
+            _enable_recompute(rt)
+        rt.train(True)
+        state = rt.train_state(OptimConfig())
+        if backend == "mindspore":
+            import mindspore as ms
+
+            ms.set_seed(123)
+        else:
+            import torch
+
+            torch.manual_seed(123)
+        _, n = state.accumulate(ids[:, :-1], ids[:, 1:])
+        state.apply(1e-2, n)
+        return {k: v for k, v in rt.state_dict() if "lora" in k}
+
+    one_update(0.3, False)  # MindSpore's first seeded graph in a process draws differently: warm it up
+    plain, again, recomputed, no_dropout = (
+        one_update(0.3, False),
+        one_update(0.3, False),
+        one_update(0.3, True),
+        one_update(0.0, False),
+    )
+    assert plain and any(not np.array_equal(plain[k], no_dropout[k]) for k in plain)
+    for k in plain:
+        assert np.array_equal(again[k], plain[k]), k
+        np.testing.assert_allclose(recomputed[k], plain[k], rtol=0, atol=1e-6, err_msg=k)
 
 
 def test_recompute_flags_and_finetune_refuses_model_parallel(tmp_path: Path, capsys) -> None:
@@ -284,6 +339,17 @@ def test_recompute_flags_and_finetune_refuses_model_parallel(tmp_path: Path, cap
     args = parser.parse_args(["--preset", "tiny", "--data", "x.npy", "--out", "o", "--recompute"])
     _, kwargs = pretrain_cmd.build_kwargs(args)
     assert kwargs["parallel"] == ParallelConfig(recompute=True)
+    args = parser.parse_args(["--config", "pretrain_llama2_13b", "--data", "x.npy", "--out", "o"])
+    assert pretrain_cmd.build_kwargs(args)[1]["parallel"].recompute is True  # the file's setting
+    args = parser.parse_args(["--config", "pretrain_llama2_13b", "--data", "x.npy", "--out", "o", "--no-recompute"])
+    assert pretrain_cmd.build_kwargs(args)[1]["parallel"].recompute is False
+    from llama2.commands import finetune as finetune_cmd
+
+    fparser = argparse.ArgumentParser()
+    finetune_cmd.add_arguments(fparser)
+    base = ["--config", "lora_llama2_13b", "--model", "m", "--data", "d.npy", "--out", "o"]
+    assert finetune_cmd.build_kwargs(fparser.parse_args(base))[1]["recompute"] is True
+    assert finetune_cmd.build_kwargs(fparser.parse_args([*base, "--no-recompute"]))[1]["recompute"] is False
     rc = main(["finetune", "--config", "finetune_llama2_70b", "--model", "m", "--data", "d.npy", "--out", "o"])
     assert rc == 2
     err = capsys.readouterr().err

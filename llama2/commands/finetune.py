@@ -55,7 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="fastchat template for JSON data (default vicuna_v1.1)")
     p.add_argument("--overflow", choices=["truncate", "drop"], help="too-long JSON samples (default truncate)")
     p.add_argument(
-        "--recompute", action="store_true", default=None, help="recompute activations in backward (less memory)"
+        "--recompute",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in backward: less memory, slower (default: parallel_config's recompute)",
     )
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--rank", dest="r", type=int, help="LoRA rank (default 8)")
@@ -152,8 +155,8 @@ def build_kwargs(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     elif args.epochs is not None:
         kwargs.pop("steps", None)
     kwargs.update(adapter_options(args))
-    if args.recompute:
-        kwargs["recompute"] = True
+    if args.recompute is not None:  # the flag wins over the YAML file's parallel_config
+        kwargs["recompute"] = args.recompute
     kwargs["resume"] = bool(args.resume)
     kwargs["progress"] = not args.no_progress
     if model is None and not args.resume:

@@ -51,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, typ in _FLAGS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
     parser.add_argument(
-        "--recompute", action="store_true", help="recompute activations in backward (less memory; parallel_config)"
+        "--recompute",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in backward: less memory, slower (default: parallel_config's recompute)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true")
@@ -84,14 +87,14 @@ def build_kwargs(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     for name, _ in _FLAGS:
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    if args.recompute:
+    if args.recompute is not None:  # the flag wins over the YAML file's parallel_config
         import attrs
 
         from llama2.core.train_config import ParallelConfig
 
         par = kwargs.get("parallel") or ParallelConfig()
         par = ParallelConfig.from_dict(par) if isinstance(par, dict) else par
-        kwargs["parallel"] = attrs.evolve(par, recompute=True)
+        kwargs["parallel"] = attrs.evolve(par, recompute=args.recompute)
     if args.resume:
         kwargs["resume"] = True
     if args.no_progress:

@@ -32,7 +32,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     allowed slots and MASKED_SCORE elsewhere (`score_bias`). Query head h reads key/value head h // n_rep
     (consecutive query heads share a kv head). Scores and softmax are computed in fp32. Returns (batch, n_heads,
     s, d) in q's dtype. Written to keep few (s, L)-sized intermediates: a compiled MindSpore graph on CPU keeps
-    each one for the backward pass.
+    each one for the backward pass. Masked slots are added to, not replaced, so their raw scores must be finite
+    (a KV cache starts at zeros and is written with `write_slots`, which keeps it so).
     """
     b, n_heads, s, d = q.shape
     n_kv = k.shape[1]

@@ -52,6 +52,7 @@ def token_nll_tensor(logits: Tensor, labels: Tensor) -> Tensor:
 def recompute_once(cell: nn.Cell) -> None:
     """`cell.recompute()` unless done already (MindSpore allows configuring a cell only once)."""
     if not getattr(cell, "llama2_recompute", False):
+        # PyNative: the reentrant form replays dropout masks (tested); use_reentrant=False draws new ones
         cell.recompute()
         cell.llama2_recompute = True
 
