@@ -43,6 +43,9 @@ def test_fused_step_equals_accumulate_apply(tmp_path: Path) -> None:
     labels = ids.copy()
     labels[6:] = IGNORE_INDEX  # step 4 (no shuffle, batch 2) scores nothing
     data = TrainData(ids, labels)
+    for rows in (np.arange(8), np.array([7, 0, 6])):  # the fused path counts tokens without building the batch
+        assert data.scored_tokens(rows) == int((data.batch(rows)[1] != IGNORE_INDEX).sum())
+        assert TrainData(ids).scored_tokens(rows) == TrainData(ids).batch(rows)[1].size
     train = TrainConfig(steps=4, batch_size=2, lr=3e-3, schedule="constant", grad_clip=0.5, shuffle=False)
     runs = {}
     for fused in (False, True):

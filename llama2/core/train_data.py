@@ -48,6 +48,12 @@ class TrainData:
         labels = ids if self.labels is None else self.labels[indices]
         return np.ascontiguousarray(ids[:, :-1], np.int32), np.ascontiguousarray(labels[:, 1:], np.int32)
 
+    def scored_tokens(self, indices: np.ndarray) -> int:
+        """How many tokens `batch(indices)` scores (labels other than IGNORE_INDEX), without building the batch."""
+        if self.labels is None:
+            return len(indices) * self.seq_length
+        return int((self.labels[indices][:, 1:] != IGNORE_INDEX).sum())
+
     @classmethod
     def from_any(cls, data: Any, seq_length: int | None = None, source: str = "data") -> TrainData:
         """From a TrainData, a dict with `input_ids` (+ `labels`), a 2-D array of samples, or a 1-D token stream

@@ -407,7 +407,7 @@ class Trainer:
         idx = self.order.indices(step, self.data_rank, self.data_world)
         if self.fused:  # one call for the update; every rank counts the global batch's tokens itself
             ids, labels = self.data.batch(idx)
-            n_tok = int((self.data.batch(self.order.indices(step))[1] != IGNORE_INDEX).sum())
+            n_tok = self.data.scored_tokens(self.order.indices(step))
             sum_nll, norm = self.state.step_batch(ids, labels, lr, n_tok) if n_tok else (0.0, None)
             return self._record(step, lr, t0, sum_nll, n_tok, int(ids.size) * self.data_world, norm)
         sum_nll, n_tok, n_in = 0.0, 0, 0

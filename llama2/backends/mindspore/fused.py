@@ -55,11 +55,11 @@ class FusedTrainState(AdamWTrainState):
             )
         self.strategy = strategy if par.sharded else None
         self.sliced = False  # True once the first compiled sharded step has cut the weights into this rank's slices
-        self.rank, self.world = 0, 1
+        self.rank = 0
         if self.strategy is not None:
             from llama2.backends.mindspore.parallel import configure_parallel
 
-            self.rank, self.world = configure_parallel(runtime.net, strategy, runtime.options.device)
+            self.rank = configure_parallel(runtime.net, strategy, runtime.options.device)[0]
             ms.set_context(mode=ms.GRAPH_MODE)  # semi-auto parallel compiles whole graphs
         dp_index = strategy.rank_coords(self.rank)[0] if self.strategy is not None else 0
         self.data_shard = (dp_index, par.data_parallel if self.strategy is not None else 1)

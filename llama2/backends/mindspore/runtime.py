@@ -101,9 +101,8 @@ class MindSporeRuntime(Runtime):
         # mindspore.jit compiles once per input shape (and reuses it for every later call with that shape); the
         # generation loop pads prompts and caches to multiples of this so nearby lengths share one compilation.
         self.length_bucket = 16 if self.compiled else 1
-        self._run = ms.jit(run) if self.compiled else run
-        self._nll = ms.jit(nll) if self.compiled else nll
         self._fns = (run, nll)
+        self._jit_fns()
 
     # ---- weights -------------------------------------------------------------------------------------------
     def get_param(self, name: str) -> np.ndarray:
@@ -187,9 +186,14 @@ class MindSporeRuntime(Runtime):
                 isinstance(c, nn.Dropout) or getattr(c, "depends_on_training", False)
                 for _, c in self.net.cells_and_names()
             )
-            if self.compiled and mode_dependent:
-                self._run, self._nll = ms.jit(self._fns[0]), ms.jit(self._fns[1])
+            if mode_dependent:
+                self._jit_fns()
         super().train(mode)
+
+    def _jit_fns(self) -> None:
+        """(Re)build the forward functions; a compiled graph bakes in the cells' flags (training, recompute)."""
+        run, nll = self._fns
+        self._run, self._nll = (ms.jit(run), ms.jit(nll)) if self.compiled else (run, nll)
 
     def enable_recompute(self) -> None:
         if self.options.device == "cpu" and self.compiled:
@@ -202,8 +206,7 @@ class MindSporeRuntime(Runtime):
             )
         for block in self.net.model.layers:
             recompute_once(block)
-        if self.compiled:  # a graph compiled before would keep the activations
-            self._run, self._nll = ms.jit(self._fns[0]), ms.jit(self._fns[1])
+        self._jit_fns()  # a graph compiled before would keep the activations
 
     def train_state(self, optim: OptimConfig, strategy: Any = None) -> TrainState:
         """Gradient accumulation + AdamW (`MindSporeTrainState`); with a `ParallelStrategy` (llama2.core.parallel),
