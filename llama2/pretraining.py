@@ -172,13 +172,12 @@ def pretrain(
         from llama2.core.parallel import PIPELINE_TRAINING_UNSUPPORTED
 
         raise ValueError(PIPELINE_TRAINING_UNSUPPORTED.format(pp=par.pipeline_stage))
-    if par.sharded:
-        backend_name = given_model.runtime.backend_name if given_model is not None else opts["backend"]
-        if backend_name != "mindspore" or given_model is not None:
-            raise ValueError(
-                f"ParallelConfig: model_parallel={par.model_parallel} needs the MindSpore backend (semi-auto "
-                f"parallel) and a config or preset rather than a loaded Model (backend {backend_name!r})"
-            )
+    if par.sharded and (given_model is not None or opts["backend"] != "mindspore"):
+        raise ValueError(
+            f"ParallelConfig: model_parallel={par.model_parallel} needs the MindSpore backend (semi-auto parallel) "
+            f"and a config or preset rather than a loaded Model (got backend {opts['backend']!r}"
+            f"{', a loaded Model' if given_model is not None else ''})"
+        )
 
     if given_model is not None:
         runtime = given_model.runtime

@@ -92,8 +92,7 @@ def build_kwargs(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
         from llama2.core.train_config import ParallelConfig
 
-        par = kwargs.get("parallel") or ParallelConfig()
-        par = ParallelConfig.from_dict(par) if isinstance(par, dict) else par
+        par = kwargs.get("parallel", ParallelConfig())  # a YAML file's parallel_config is a ParallelConfig
         kwargs["parallel"] = attrs.evolve(par, recompute=args.recompute)
     if args.resume:
         kwargs["resume"] = True
